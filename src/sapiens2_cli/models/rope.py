@@ -1,0 +1,82 @@
+"""2-D rotary position embedding, computed exactly as the official model does: in bfloat16.
+
+Coordinates are patch centres normalised per axis to [-1, 1]; angles ``2*pi*coord/period``
+are laid out ``[h-angles, w-angles]`` and tiled twice; coordinates, angles, sin and cos are
+all rounded to bfloat16 at every step, and q/k are rotated in bfloat16. Reproducing this
+rounding is what makes outputs match the released models (fp32 RoPE moves features by ~1e-3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ROPE_DTYPE = torch.bfloat16
+
+
+def rope_periods(head_dim: int, base: float = 100.0) -> torch.Tensor:
+    """The periods buffer ``[head_dim // 4]``: ``base ** (2i / (head_dim/2))`` evaluated in bf16."""
+    steps = torch.arange(head_dim // 4, dtype=ROPE_DTYPE)
+    return base ** (2 * steps / (head_dim // 2))
+
+
+class RopePositionEmbedding(nn.Module):
+    """Holds the bf16 ``periods`` buffer and builds ``(sin, cos)`` tables ``[h*w, head_dim]``.
+
+    Tables are cached per grid size, device and periods version (they depend on nothing else).
+    """
+
+    def __init__(self, head_dim: int, base: float = 100.0) -> None:
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"RoPE needs a head dimension divisible by 4, got {head_dim}")
+        self.head_dim = head_dim
+        self.register_buffer("periods", rope_periods(head_dim, base), persistent=True)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        # Keep the periods in bf16 whatever ``model.to(dtype)`` asks for; drop cached tables.
+        super()._apply(fn, recurse)
+        if self.periods.dtype != ROPE_DTYPE and not self.periods.is_meta:
+            self.periods = self.periods.to(ROPE_DTYPE)
+        self._cache.clear()
+        return self
+
+    def forward(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sin, cos)``, each ``[h*w, head_dim]`` bf16, tokens row-major."""
+        key = (h, w, self.periods.device, self.periods._version, self.periods.data_ptr())
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        dd = {"device": self.periods.device, "dtype": ROPE_DTYPE}
+        ys = torch.arange(0.5, h, **dd) / h  # [h]
+        xs = torch.arange(0.5, w, **dd) / w  # [w]
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)  # [N, 2]
+        coords = 2.0 * coords - 1.0
+        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [N, 2, d/4]
+        angles = angles.flatten(1, 2).tile(2)  # [N, d]
+        tables = (torch.sin(angles), torch.cos(angles))
+        if not torch.compiler.is_compiling():
+            self._cache[key] = tables
+        return tables
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate the last ``N = sin.shape[0]`` tokens of ``x`` ``[B, heads, n, d]`` in bf16.
+
+    The prefix tokens (cls, storage) are not rotated but still pass through the bf16 cast,
+    as in the official model. Returns ``x``'s dtype.
+    """
+    dtype = x.dtype
+    x = x.to(sin.dtype)
+    prefix = x.shape[-2] - sin.shape[-2]
+    patches = x[:, :, prefix:]
+    rotated = patches * cos + _rotate_half(patches) * sin
+    return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
