@@ -25,3 +25,17 @@ def fixture_cases(kind: str) -> list[Path]:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+SPEC = Path(os.environ.get("SAPIENS2_SPEC", FIXTURES.parent / "spec"))
+
+
+def make_fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str = "0" * 40) -> Path:
+    """Lay out ``files`` as huggingface_hub's cache would after a download of ``repo_id``."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, src in files.items():
+        (snap / name).symlink_to(Path(src).resolve())
+    return snap

@@ -185,9 +185,9 @@ def describe(header: Header, record: ZooRecord | None = None) -> ModelInfo:
 
 # --------------------------------------------------------------------------- loading
 
-def file_key(model_key: str, task: str) -> str:
-    """The checkpoint key of a model parameter: pretrain files have no ``backbone.`` prefix."""
-    return model_key[len("backbone."):] if task == "pretrain" else model_key
+def file_key(model_key: str, *, bare: bool) -> str:
+    """The checkpoint key of a model parameter: pretrain files (``bare``) have no ``backbone.`` prefix."""
+    return model_key[len("backbone."):] if bare else model_key
 
 
 def build_meta(info: ModelInfo) -> Sapiens2Model:
@@ -247,7 +247,8 @@ def load_model(
             raise CheckpointError(f"{resolved.path}: holds a {info.task} model, not {task}")
         info = dataclasses.replace(info, task="pretrain", head=None)
     model = build_meta(info)
-    expected = {file_key(k, info.task): tuple(v.shape) for k, v in model.state_dict().items()}
+    bare = "cls_token" in header.shapes
+    expected = {file_key(k, bare=bare): tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: s for k, s in header.shapes.items() if info.task != "pretrain" or not k.startswith("decode_head.")}
     check_keys(expected, found, resolved.path)
 
@@ -255,7 +256,7 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     with safe_open(resolved.path, framework="pt", device="cpu") as f:
         for model_key in model.state_dict():
-            key = file_key(model_key, info.task)
+            key = file_key(model_key, bare=bare)
             if key not in found:  # the periods buffer only (check_keys allows nothing else)
                 tensor = rope_periods(info.arch.head_dim, info.arch.rope_base)
             else:
@@ -276,7 +277,7 @@ def release_state_dict(model: Sapiens2Model, dtype: torch.dtype | None = None) -
         t = tensor.detach().to("cpu")
         if dtype is not None and t.is_floating_point() and not key.endswith(PERIODS_KEY):
             t = t.to(dtype)
-        out[file_key(key, model.task)] = t.contiguous()
+        out[file_key(key, bare=model.task == "pretrain")] = t.contiguous()
     return out
 
 
