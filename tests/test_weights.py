@@ -167,3 +167,18 @@ def test_hub_reference_from_local_cache(tmp_path, monkeypatch):
     assert file_digest(load_model("seg-0.4b").info.path) == file_digest(SEG / "model.safetensors")
     with pytest.raises(HubError, match=r"sapiens2-pose-1b/sapiens2_1b_pose.safetensors is not in the local"):
         load_model("pose-1b")
+
+
+def test_keep_indices_equal_a_full_pass_when_keeping_everything():
+    model = load_model(BACKBONE / "model.safetensors")
+    io = load_file(BACKBONE / "io.safetensors")
+    x = io["input"]
+    with torch.inference_mode():
+        full, (h, w) = model.backbone.forward_tokens(x)
+        keep = torch.arange(h * w).expand(x.shape[0], -1)
+        kept, _ = model.backbone.forward_tokens(x, keep)
+        torch.testing.assert_close(kept, full, atol=0, rtol=0)
+        # a subset: each sample keeps different tokens and still runs
+        sub = torch.stack([torch.randperm(h * w)[: h * w // 4] for _ in range(x.shape[0])])
+        part, _ = model.backbone.forward_tokens(x, sub)
+    assert part.shape == (x.shape[0], 9 + h * w // 4, full.shape[-1])

@@ -138,17 +138,29 @@ class Sapiens2Backbone(nn.Module):
         self.ln1 = rms_norm(dim)  # final norm; the release names it like the blocks' ln1
         self.grad_checkpointing = False
 
-    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """All tokens after the final norm ``[B, 1 + n_storage + h*w, D]`` and the grid ``(h, w)``."""
+    def forward_tokens(
+        self, x: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """All tokens after the final norm and the patch grid ``(h, w)``.
+
+        Returns ``[B, 1 + n_storage + N, D]`` with ``N = h*w``, or with ``keep`` (``[B, K]``
+        indices of the patch tokens to keep, row-major over the grid after the tokenizer) only
+        those ``K`` patch tokens, each rotated with its own grid position: the masked-image
+        encoder path of pretraining.
+        """
         x = self.patch_embed(x)  # [B, D, h, w]
         b, dim, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # [B, h*w, D]
         if self.tokenizer is not None:
             x = self.tokenizer(x, h, w)
             h, w = h // self.tokenizer.window_size, w // self.tokenizer.window_size
+        sin, cos = self.rope_embed(h, w)  # [N, d] each
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, dim))  # [B, K, D]
+            sin, cos = sin[keep][:, None], cos[keep][:, None]  # [B, 1, K, d]
         prefix = torch.cat([self.cls_token, self.storage_tokens], dim=1).expand(b, -1, -1)
         x = torch.cat([prefix.to(x.dtype), x], dim=1)
-        rope = self.rope_embed(h, w)
+        rope = (sin, cos)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
