@@ -99,6 +99,8 @@ def test_coco_results_next_to_images(tmp_path):
         (_coco([{"image_id": 1, "bbox": [0, 0, -1, 1]}], "results"), "negative width or height"),
         (_coco([{"image_id": 1, "bbox": [0, 0, 1]}], "results"), r"'bbox' must be \[x, y, w, h\]"),
         (_coco([{"image_id": 1}], "detections"), r"detections\[0\] needs 'image_id' and 'bbox'"),
+        (_coco([{"image_id": [1], "bbox": [0, 0, 1, 1]}]), r"image_id \[1\] is not in 'images'"),
+        ({"images": [{"id": {}, "file_name": "a"}], "annotations": []}, "needs an 'id'"),
         ({**_coco([]), "categories": [{"id": 1, "name": "dog"}]}, "exactly one 'person' category"),
     ],
 )  # fmt: skip

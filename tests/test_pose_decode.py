@@ -15,6 +15,7 @@ from sapiens2_cli.tasks.pose_decode import (
     decode_udp,
     decode_udp_reference,
     flip_merge,
+    flip_test,
     gaussian_kernel_1d,
 )
 from sapiens2_cli.tasks.pose_draw import _vis_data
@@ -133,6 +134,19 @@ def test_flip_merge_of_a_mirrored_prediction_is_the_prediction():
     plain = torch.rand(1, 308, 8, 6)
     flipped = plain.flip(-1)[:, torch.argsort(flip)]
     torch.testing.assert_close(flip_merge(plain, flipped, flip), plain, atol=0, rtol=0)
+
+
+def test_flip_test_mirrors_the_normalised_input():
+    flip = _vis_data()["flip_indices"]
+    weights = torch.randn(308, 3, generator=torch.Generator().manual_seed(2))
+
+    def forward(x):  # a toy "model": per-keypoint mix of the colour channels, [N, 308, H, W]
+        return torch.einsum("kc,nchw->nkhw", weights, x)
+
+    x = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(3))
+    expected = flip_merge(forward(x), forward(x.flip(-1)), flip)
+    assert torch.equal(flip_test(forward, x, flip), expected)
+    assert not torch.equal(expected, forward(x))
 
 
 def test_flip_merge_rejects_mismatches():

@@ -139,7 +139,7 @@ def _from_coco(data: dict) -> dict[str, np.ndarray]:
     for i, image in enumerate(images):
         if (
             not isinstance(image, dict)
-            or "id" not in image
+            or not isinstance(image.get("id"), (int, str))
             or not isinstance(image.get("file_name"), str)
         ):
             raise ValueError(f"images[{i}] needs an 'id' and a 'file_name' string, got {image!r}")
@@ -154,7 +154,7 @@ def _from_coco(data: dict) -> dict[str, np.ndarray]:
         where = f"{keys[0]}[{i}]"
         if not isinstance(entry, dict) or "image_id" not in entry or "bbox" not in entry:
             raise ValueError(f"{where} needs 'image_id' and 'bbox', got {entry!r}")
-        if entry["image_id"] not in names:
+        if not isinstance(entry["image_id"], (int, str)) or entry["image_id"] not in names:
             raise ValueError(f"{where}: image_id {entry['image_id']!r} is not in 'images'")
         if entry.get("category_id", person) != person or entry.get("iscrowd", 0):
             continue

@@ -30,7 +30,7 @@ so :func:`decode_heatmaps` uses it there and the torch path on accelerators.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -70,6 +70,20 @@ def flip_merge(
         raise ValueError(f"{index.numel()} flip indices for {heatmaps.shape[1]} heatmap channels")
     back = heatmaps_flipped.flip(-1).index_select(1, index)
     return (heatmaps + back) * 0.5
+
+
+def flip_test(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    flip_indices: Sequence[int] | torch.Tensor,
+) -> torch.Tensor:
+    """The demo's flip test: ``flip_merge(forward(x), forward(mirror(x)), flip_indices)``.
+
+    Args:
+        forward: normalised crops ``[N, 3, H, W]`` -> heatmaps ``[N, K, h, w]``.
+        inputs: ``[N, 3, H, W]``; mirrored along W after normalisation, as the official code.
+    """
+    return flip_merge(forward(inputs), forward(inputs.flip(-1)), flip_indices)
 
 
 def gaussian_kernel_1d(kernel_size: int) -> np.ndarray:
