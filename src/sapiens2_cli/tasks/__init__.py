@@ -1,0 +1,1 @@
+"""Per-task pre/post-processing, heads and outputs (one module per task or concept)."""
