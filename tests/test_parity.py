@@ -47,3 +47,21 @@ def test_model_parity(case):
             out, scale = out
             torch.testing.assert_close(scale, io["scale"], **tol)
         torch.testing.assert_close(out, io["output"], **tol)
+        if model.task == "pose":
+            _check_pose_keypoints(cfg, io, out)
+
+
+def _check_pose_keypoints(cfg, io, heatmaps):
+    """Our heatmaps, decoded with our UDP decoder, give the official keypoints."""
+    from sapiens2_cli.tasks.pose_decode import decode_udp_reference
+    from sapiens2_cli.tasks.pose_geometry import heatmap_to_input
+
+    codec = cfg["head"]["codec_for_keypoints"]
+    (w, h), (iw, ih) = codec["heatmap_size_wh"], codec["input_size_wh"]
+    keypoints, scores = decode_udp_reference(heatmaps.numpy())
+    keypoints = heatmap_to_input(keypoints, heatmap_size=(h, w), input_size=(ih, iw))
+    stable = io["keypoints_stable"].bool().numpy()
+    assert stable.mean() > 0.9
+    expected = io["keypoints"].numpy()
+    assert abs(keypoints - expected)[stable].max() <= 0.02
+    torch.testing.assert_close(torch.from_numpy(scores), io["keypoint_scores"], atol=cfg["atol"], rtol=0)
