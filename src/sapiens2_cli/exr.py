@@ -83,13 +83,13 @@ def read_exr(path: str | Path) -> tuple[np.ndarray, list[str]]:
         raise FileNotFoundError(f"{path}: no such EXR file")
     try:
         with OpenEXR.File(str(path), separate_channels=True) as exr_file:
-            header = exr_file.header()
-            channels = {name: np.asarray(ch.pixels) for name, ch in exr_file.channels().items()}
+            stored_order = exr_file.header().get(ORDER_ATTRIBUTE)  # the header empties on close
+            channels = {name: np.array(ch.pixels) for name, ch in exr_file.channels().items()}
     except Exception as err:  # the binding raises plain exceptions for corrupt files
         raise ValueError(f"{path}: not a readable EXR file ({err})") from err
     if not channels:
         raise ValueError(f"{path}: EXR file has no channels")
-    names = _channel_order(header.get(ORDER_ATTRIBUTE), list(channels))
+    names = _channel_order(stored_order, list(channels))
     shapes = {channels[n].shape for n in names}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"{path}: EXR channels have unequal or sub-sampled shapes {sorted(shapes)}")
