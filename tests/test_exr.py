@@ -39,7 +39,9 @@ def test_foreign_files_use_conventional_order(tmp_path):
 
 
 def test_errors_name_the_file(tmp_path):
-    with pytest.raises(ValueError, match=r"x.exr: 2 channel names \['A', 'B'\] for an array with 3 channels"):
+    with pytest.raises(
+        ValueError, match=r"x.exr: 2 channel names \['A', 'B'\] for an array with 3 channels"
+    ):
         write_exr(tmp_path / "x.exr", np.zeros((2, 2, 3)), ["A", "B"])
     with pytest.raises(ValueError, match="distinct"):
         write_exr(tmp_path / "x.exr", np.zeros((2, 2, 2)), ["A", "A"])

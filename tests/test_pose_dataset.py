@@ -19,10 +19,16 @@ from sapiens2_cli.train.pose_dataset import PoseCocoDataset
 
 H, W = 64, 48
 ALL_OFF = [
-    "augment.flip.p=0", "augment.half_body.p=0", "augment.box_jitter.shift_p=0", "augment.box_jitter.scale=0",
-    "augment.box_jitter.rotate_p=0", "augment.photometric.p=0", "augment.blur.p=0", "augment.median_blur.p=0",
+    "augment.flip.p=0",
+    "augment.half_body.p=0",
+    "augment.box_jitter.shift_p=0",
+    "augment.box_jitter.scale=0",
+    "augment.box_jitter.rotate_p=0",
+    "augment.photometric.p=0",
+    "augment.blur.p=0",
+    "augment.median_blur.p=0",
     "augment.coarse_dropout.p=0",
-]  # fmt: skip
+]
 
 
 def _keypoints308(rng: np.random.Generator, visible: int = 40) -> np.ndarray:
@@ -33,7 +39,13 @@ def _keypoints308(rng: np.random.Generator, visible: int = 40) -> np.ndarray:
     return kp
 
 
-def _coco(root: Path, annotations: list[np.ndarray], *, category: dict | None = None, key: str = "keypoints") -> Path:
+def _coco(
+    root: Path,
+    annotations: list[np.ndarray],
+    *,
+    category: dict | None = None,
+    key: str = "keypoints",
+) -> Path:
     (root / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)
     cv2.imwrite(str(root / "images" / "p.jpg"), rng.integers(0, 256, (96, 80, 3), dtype=np.uint8))
@@ -42,10 +54,22 @@ def _coco(root: Path, annotations: list[np.ndarray], *, category: dict | None = 
         pts = kp[kp[:, 2] > 0, :2]
         x1, y1 = pts.min(0)
         x2, y2 = pts.max(0)
-        anns.append({"id": i + 1, "image_id": 1, "category_id": 1, key: kp.ravel().tolist(),
-                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float((x2 - x1) * (y2 - y1)), "iscrowd": 0})  # fmt: skip
-    data = {"images": [{"id": 1, "file_name": "p.jpg"}], "annotations": anns,
-            "categories": [category or {"id": 1, "name": "person"}]}  # fmt: skip
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": 1,
+                "category_id": 1,
+                key: kp.ravel().tolist(),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": float((x2 - x1) * (y2 - y1)),
+                "iscrowd": 0,
+            }
+        )
+    data = {
+        "images": [{"id": 1, "file_name": "p.jpg"}],
+        "annotations": anns,
+        "categories": [category or {"id": 1, "name": "person"}],
+    }
     (root / "annotations.json").write_text(json.dumps(data))
     return root
 
@@ -55,7 +79,9 @@ def test_keypoint_sets():
     assert len(full) == 308 and full.flip_index[1] == 2 and full.flip_index[0] == 0
     assert np.array_equal(full.flip_index[full.flip_index], np.arange(308))
     assert (len(full.upper), len(full.lower)) == (51, 12)
-    small = KeypointSet.from_category({"keypoints": ["nose", "left_eye", "right_eye", "Left_Wrist_x"]}, "f.json")
+    small = KeypointSet.from_category(
+        {"keypoints": ["nose", "left_eye", "right_eye", "Left_Wrist_x"]}, "f.json"
+    )
     assert small.flip_index.tolist() == [0, 2, 1, 3]
     assert small.sigmas is None  # an unknown name leaves sigmas undefined
     named = KeypointSet.from_category({"keypoints": ["nose", "left_eye", "right_eye"]}, "f.json")
@@ -88,7 +114,11 @@ def test_train_crop_matches_the_udp_geometry(tmp_path):
 def test_flip_mirrors_heatmaps_and_swaps_partners(tmp_path):
     root = _coco(tmp_path / "pose", [_keypoints308(np.random.default_rng(2))])
     plain = PoseCocoDataset(root, augment=resolve("pose/tiny", ALL_OFF).augment, input_size=(H, W))
-    flip = PoseCocoDataset(root, augment=resolve("pose/tiny", [*ALL_OFF, "augment.flip.p=1"]).augment, input_size=(H, W))
+    flip = PoseCocoDataset(
+        root,
+        augment=resolve("pose/tiny", [*ALL_OFF, "augment.flip.p=1"]).augment,
+        input_size=(H, W),
+    )
     a = plain.sample(0, np.random.default_rng(0), train=True)
     b = flip.sample(0, np.random.default_rng(0), train=True)
     partner = KeypointSet.keypoints308().flip_index
@@ -121,9 +151,12 @@ def test_load_filters_and_344_layout(tmp_path):
     assert dataset.sample(0, np.random.default_rng(0), train=True) is None
     grey = _coco(tmp_path / "grey", [kp308])
     cv2.imwrite(str(grey / "images" / "p.jpg"), np.full((96, 80, 3), 128, np.uint8))
-    assert PoseCocoDataset(grey, augment=resolve("pose/tiny").augment, input_size=(H, W)).sample(
-        0, np.random.default_rng(0), train=True
-    ) is None
+    assert (
+        PoseCocoDataset(grey, augment=resolve("pose/tiny").augment, input_size=(H, W)).sample(
+            0, np.random.default_rng(0), train=True
+        )
+        is None
+    )
 
 
 def test_validation_samples_and_perfect_ap(tmp_path):

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from sapiens2_cli.train import photometric as photo
-from sapiens2_cli.train.augment import DenseSample, random_crop, random_rotate, resize_pad, seg_random_crop
+from sapiens2_cli.train.augment import (
+    DenseSample,
+    random_crop,
+    random_rotate,
+    resize_pad,
+    seg_random_crop,
+)
 from sapiens2_cli.train.task_config import (
     CoarseDropout,
     DownUp,
@@ -44,7 +50,9 @@ def test_brightness_only_distortion_is_a_bounded_constant_shift():
 
 def test_coarse_dropout_zeroes_one_rectangle():
     image = np.full((50, 40, 3), 9, np.uint8)
-    out = photo.coarse_dropout(image, np.random.default_rng(1), CoarseDropout(p=1.0, holes=1, size=(0.2, 0.4)))
+    out = photo.coarse_dropout(
+        image, np.random.default_rng(1), CoarseDropout(p=1.0, holes=1, size=(0.2, 0.4))
+    )
     rows, cols = np.nonzero((out == 0).all(-1))
     h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     assert (out == 0).all(-1).sum() == h * w
@@ -62,13 +70,21 @@ def test_resize_pad_moves_intrinsics_with_the_pixels():
     k = np.array([[30.0, 0, 11.5], [0, 31.0, 19.5], [0, 0, 1]])
     depth = np.zeros((40, 24), np.float32)
     depth[19, 11] = 5.0
-    sample = DenseSample(image=_image(40, 24), maps={"depth": depth, "mask": np.ones((40, 24), np.uint8)}, intrinsics=k)
+    sample = DenseSample(
+        image=_image(40, 24),
+        maps={"depth": depth, "mask": np.ones((40, 24), np.uint8)},
+        intrinsics=k,
+    )
     out = resize_pad(sample, (64, 48))
     # s = 1.6: 24 -> 38 (rx = 38 / 24), 40 -> 64; pad 5 left / 5 right
     rx = 38 / 24
     assert out.pad == (5, 5, 0, 0) and out.image.shape == (64, 48, 3)
-    assert out.intrinsics[0, 0] == pytest.approx(30 * rx) and out.intrinsics[0, 2] == pytest.approx(11.5 * rx + 5)
-    assert out.intrinsics[1, 1] == pytest.approx(31 * 1.6) and out.intrinsics[1, 2] == pytest.approx(19.5 * 1.6)
+    assert out.intrinsics[0, 0] == pytest.approx(30 * rx) and out.intrinsics[0, 2] == pytest.approx(
+        11.5 * rx + 5
+    )
+    assert out.intrinsics[1, 1] == pytest.approx(31 * 1.6) and out.intrinsics[
+        1, 2
+    ] == pytest.approx(19.5 * 1.6)
     assert out.maps["mask"][:, :5].sum() == 0 and out.maps["mask"][:, 5:43].all()
     assert set(np.unique(out.maps["depth"]).tolist()) == {0.0, 5.0}  # nearest: no blended depths
 

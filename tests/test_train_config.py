@@ -44,7 +44,11 @@ OFFICIAL = {
     ("albedo", "1b"): (40000, 5e-4, 0.90, 4.0, 7, "bf16", "fsdp"),
     ("albedo", "5b"): (40000, 5e-4, 0.94, 4.0, 3, "bf16", "fsdp"),
 }
-INTERVALS = {("seg", "5b"): (10000, 2000), ("albedo", "0.8b"): (10000, 1000), ("albedo", "5b"): (40000, 1000)}
+INTERVALS = {
+    ("seg", "5b"): (10000, 2000),
+    ("albedo", "0.8b"): (10000, 1000),
+    ("albedo", "5b"): (40000, 1000),
+}
 
 
 def test_shipped_recipes_are_listed_without_bases():
@@ -68,7 +72,11 @@ def test_official_recipe_numbers(task, size):
     assert (cfg.eval.interval, cfg.checkpoint.interval) == INTERVALS.get((task, size), (1000, 1000))
     # shared numbers (§1.2, §1.3) come from the typed defaults
     assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.weight_decay == 0.1
-    assert (cfg.schedule.warmup_iters, cfg.schedule.warmup_start_factor, cfg.schedule.decay) == (500, 1e-3, "linear")
+    assert (cfg.schedule.warmup_iters, cfg.schedule.warmup_start_factor, cfg.schedule.decay) == (
+        500,
+        1e-3,
+        "linear",
+    )
     assert cfg.model.input_size == (1024, 768) and cfg.model.init == "pretrain"
     assert cfg.train.grad_accum == 1 and cfg.train.seed == 0
 
@@ -85,15 +93,35 @@ def test_tiny_recipes(task):
 def test_task_sections_have_released_defaults():
     seg = resolve("seg/1b")
     assert seg.loss == SegLoss(ce_weight=1.0, dice_weight=1.0, dice_eps=1e-3, class_weights=None)
-    assert (seg.augment.flip.p, seg.augment.rotate.max_degrees, seg.augment.resize_ratio) == (0.5, 60.0, (0.4, 2.0))
+    assert (seg.augment.flip.p, seg.augment.rotate.max_degrees, seg.augment.resize_ratio) == (
+        0.5,
+        60.0,
+        (0.4, 2.0),
+    )
     pose = resolve("pose/1b")
     assert isinstance(pose.augment, PoseAugment)
-    assert (pose.augment.photometric.p, pose.augment.coarse_dropout.p, pose.loss.weight) == (0.8, 1.0, 10.0)
+    assert (pose.augment.photometric.p, pose.augment.coarse_dropout.p, pose.loss.weight) == (
+        0.8,
+        1.0,
+        10.0,
+    )
     normal = resolve("normal/1b")
-    assert (normal.loss.cosine_weight, normal.loss.l1_weight, normal.loss.grad_weight) == (10.0, 1.0, 10.0)
-    assert (normal.augment.flip.p, normal.augment.down_up.p, normal.augment.solarize.threshold) == (0.3, 0.2, 128)
+    assert (normal.loss.cosine_weight, normal.loss.l1_weight, normal.loss.grad_weight) == (
+        10.0,
+        1.0,
+        10.0,
+    )
+    assert (normal.augment.flip.p, normal.augment.down_up.p, normal.augment.solarize.threshold) == (
+        0.3,
+        0.2,
+        128,
+    )
     pointmap = resolve("pointmap/1b")
-    assert (pointmap.loss.l1_weight, pointmap.loss.normal_weight, pointmap.loss.scale_weight) == (2.0, 2.0, 4.0)
+    assert (pointmap.loss.l1_weight, pointmap.loss.normal_weight, pointmap.loss.scale_weight) == (
+        2.0,
+        2.0,
+        4.0,
+    )
     assert pointmap.augment.canonical_focal == 768.0
     albedo = resolve("albedo/1b")
     assert (albedo.augment.noise.p, albedo.loss.chroma_weight) == (0.2, 1.0)
@@ -116,7 +144,11 @@ def test_overrides_types_and_merging():
     )
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.model.input_size == (512, 384)
-    assert (cfg.model.arch.embed_dims, cfg.model.arch.num_layers, cfg.model.arch.num_heads) == (64, 2, None)
+    assert (cfg.model.arch.embed_dims, cfg.model.arch.num_layers, cfg.model.arch.num_heads) == (
+        64,
+        2,
+        None,
+    )
     assert [d.path for d in cfg.data.train] == ["/data/a"]
     assert [(d.path, d.repeat) for d in cfg.data.val] == [("/data/b", 1), ("/data/c", 2)]
     assert cfg.augment.flip.p == 0.25 and cfg.loss.class_weights == [1.0, 2.0]
@@ -125,7 +157,10 @@ def test_overrides_types_and_merging():
 
 
 def test_override_parsing():
-    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=x", "a.b=2"]) == {"a": {"b": 2, "c": [1, 2]}, "d": "x"}
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=x", "a.b=2"]) == {
+        "a": {"b": 2, "c": [1, 2]},
+        "d": "x",
+    }
     with pytest.raises(ConfigError, match="dotted.key=value"):
         parse_overrides(["optim.lr"])
     with pytest.raises(ConfigError, match="dotted.key=value"):
@@ -141,7 +176,10 @@ def test_override_parsing():
         ("optim.lr=fast", "config key 'optim.lr' expects float, got 'fast' (str)"),
         ("train.iterations=1.5", "config key 'train.iterations' expects int"),
         ("train.compile=yes please", "config key 'train.compile' expects bool"),
-        ("train.precision=bf61", "must be one of 'fp32', 'bf16'; got 'bf61' (str) (did you mean 'bf16'?)"),
+        (
+            "train.precision=bf61",
+            "must be one of 'fp32', 'bf16'; got 'bf61' (str) (did you mean 'bf16'?)",
+        ),
         ("model.input_size=[64]", "config key 'model.input_size' expects 2 values"),
         ("model.arch=3", "config key 'model.arch' expects a mapping"),
         ("augment.flip.p=1.5", "augment.flip.p is a probability"),
@@ -172,8 +210,12 @@ def test_recipe_files_with_base_chain(tmp_path):
     (tmp_path / "child.yaml").write_text("base: parent.yaml\noptim:\n  lr: 2.0e-4\n")
     cfg = resolve(tmp_path / "child.yaml", ["train.batch_size=3"])
     assert (cfg.task, cfg.model.size, cfg.train.iterations, cfg.optim.lr, cfg.train.batch_size) == (
-        "seg", "1b", 1234, 2e-4, 3,
-    )  # fmt: skip
+        "seg",
+        "1b",
+        1234,
+        2e-4,
+        3,
+    )
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\ntask: seg\n")
     with pytest.raises(ConfigError, match="chain loops"):
@@ -182,7 +224,10 @@ def test_recipe_files_with_base_chain(tmp_path):
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         resolve(tmp_path / "bad.yaml")
     (tmp_path / "typo.yaml").write_text("task: seg\noptim:\n  weight_decy: 0.1\n")
-    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'optim.weight_decy' \(did you mean 'optim.weight_decay'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"typo.yaml: unknown config key 'optim.weight_decy' \(did you mean 'optim.weight_decay'\?\)",
+    ):
         resolve(tmp_path / "typo.yaml")
 
 

@@ -21,12 +21,22 @@ from sapiens2_cli.train.seg_dataset import SegFolder
 
 H, W = 64, 48  # the tiny recipes' input size
 SEG_OFF = [
-    "augment.resize_ratio=[1.0, 1.0]", "augment.crop.p=0", "augment.blur.p=0", "augment.noise.p=0",
-    "augment.rotate.p=0", "augment.photometric.p=0",
-]  # fmt: skip
+    "augment.resize_ratio=[1.0, 1.0]",
+    "augment.crop.p=0",
+    "augment.blur.p=0",
+    "augment.noise.p=0",
+    "augment.rotate.p=0",
+    "augment.photometric.p=0",
+]
 DENSE_OFF = ["augment.scale.p=0", "augment.crop.p=0"]
-NORMAL_OFF = [*DENSE_OFF, "augment.photometric.p=0", "augment.down_up.p=0", "augment.blur.p=0",
-              "augment.noise.p=0", "augment.solarize.p=0"]  # fmt: skip
+NORMAL_OFF = [
+    *DENSE_OFF,
+    "augment.photometric.p=0",
+    "augment.down_up.p=0",
+    "augment.blur.p=0",
+    "augment.noise.p=0",
+    "augment.solarize.p=0",
+]
 
 
 def _image(rng: np.random.Generator, h: int = H, w: int = W) -> np.ndarray:
@@ -75,7 +85,9 @@ def test_seg_val_keeps_label_resolution_and_normalises_image(tmp_path):
     image[...] = (10, 20, 30)  # BGR
     cv2.imwrite(str(root / "images" / "im0.png"), image)
     cfg = resolve("seg/tiny")
-    out = SegFolder(root, augment=cfg.augment, input_size=(H, W)).sample(0, np.random.default_rng(0), train=False)
+    out = SegFolder(root, augment=cfg.augment, input_size=(H, W)).sample(
+        0, np.random.default_rng(0), train=False
+    )
     assert out["image"].shape == (3, H, W) and out["label"].shape == (40, 30)
     assert torch.equal(out["label"], torch.from_numpy(label.astype(np.int64)))
     rgb = torch.tensor([(30 - 123.675) / 58.395, (20 - 116.28) / 57.12, (10 - 103.53) / 57.375])
@@ -88,7 +100,9 @@ def test_seg_training_samples_are_deterministic_per_draw(tmp_path):
     dataset = build_dataset(cfg, split="train")
     first, again, other = dataset[(1, 7)], dataset[(1, 7)], dataset[(1, 8)]
     assert first["image"].shape == (3, H, W) and first["label"].shape == (H, W)
-    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    assert torch.equal(first["image"], again["image"]) and torch.equal(
+        first["label"], again["label"]
+    )
     assert not torch.equal(first["image"], other["image"])
     assert set(torch.unique(first["label"]).tolist()) <= {0, 3, 5, 14, 255}
 
@@ -113,7 +127,9 @@ def test_seg_file_errors_name_the_file(tmp_path):
     root = _seg_folder(tmp_path / "b", [_person_label()])
     cv2.imwrite(str(root / "labels" / "im0.png"), np.zeros((10, 10), np.uint8))
     folder = SegFolder(root, augment=resolve("seg/tiny").augment, input_size=(H, W))
-    with pytest.raises(DataError, match=r"im0.png: size 10x10 differs from image im0.png \(48x64\)"):
+    with pytest.raises(
+        DataError, match=r"im0.png: size 10x10 differs from image im0.png \(48x64\)"
+    ):
         folder.sample(0, np.random.default_rng(0), train=False)
     bad = _person_label()
     bad[0, 0] = 40
@@ -130,11 +146,20 @@ def test_class_map_remaps_and_custom_classes(tmp_path):
     label = np.full((H, W), 7, np.uint8)
     label[:, :10] = 40
     root = _seg_folder(tmp_path / "seg", [label])
-    (root / "classes.json").write_text(json.dumps({
-        "classes": ["bg", "left_arm", "right_arm"], "remap": {"40": 1, "7": None},
-    }))  # fmt: skip
+    (root / "classes.json").write_text(
+        json.dumps(
+            {
+                "classes": ["bg", "left_arm", "right_arm"],
+                "remap": {"40": 1, "7": None},
+            }
+        )
+    )
     folder = SegFolder(root, augment=resolve("seg/tiny").augment, input_size=(H, W))
-    assert folder.classes.names == ("bg", "left_arm", "right_arm") and folder.classes.weights == (1.0, 1.0, 1.0)
+    assert folder.classes.names == ("bg", "left_arm", "right_arm") and folder.classes.weights == (
+        1.0,
+        1.0,
+        1.0,
+    )
     assert folder.classes.flip_lut[:3].tolist() == [0, 2, 1]
     out = folder.sample(0, np.random.default_rng(0), train=False)["label"]
     assert set(out[:, :10].unique().tolist()) == {1} and set(out[:, 10:].unique().tolist()) == {255}
@@ -142,14 +167,19 @@ def test_class_map_remaps_and_custom_classes(tmp_path):
 
 def _write_palette_png(path: Path, indices: np.ndarray, palette: np.ndarray) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     h, w = indices.shape
     raw = b"".join(b"\x00" + row.tobytes() for row in indices.astype(np.uint8))
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
-        + chunk(b"PLTE", palette.astype(np.uint8).tobytes()) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    )  # fmt: skip
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+        + chunk(b"PLTE", palette.astype(np.uint8).tobytes())
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_indexed_png_labels_read_as_indices(tmp_path):
@@ -163,14 +193,25 @@ def test_indexed_png_labels_read_as_indices(tmp_path):
 
 
 # --------------------------------------------------------------------------- dense tasks
-def _dense_folder(root: Path, task: str, target: np.ndarray, *, mask: np.ndarray | None = None, ext: str = ".exr",
-                  k: dict | None = None) -> Path:  # fmt: skip
+def _dense_folder(
+    root: Path,
+    task: str,
+    target: np.ndarray,
+    *,
+    mask: np.ndarray | None = None,
+    ext: str = ".exr",
+    k: dict | None = None,
+) -> Path:
     folder = {"normal": "normals", "albedo": "albedo", "pointmap": "pointmaps"}[task]
     for sub in ("images", folder):
         (root / sub).mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(root / "images" / "a.jpg"), _image(np.random.default_rng(3), *target.shape[:2]))
     if ext == ".exr":
-        write_exr(root / folder / "a.exr", target, ["X", "Y", "Z"][: (target.shape[2] if target.ndim == 3 else 1)])
+        write_exr(
+            root / folder / "a.exr",
+            target,
+            ["X", "Y", "Z"][: (target.shape[2] if target.ndim == 3 else 1)],
+        )
     elif ext == ".npy":
         np.save(root / folder / "a.npy", target)
     else:
@@ -198,7 +239,9 @@ def test_normal_flip_negates_x(tmp_path):
     folder = DenseFolder(root, task="normal", augment=cfg.augment, input_size=(H, W))
     out = folder.sample(0, np.random.default_rng(0), train=True)
     expected = np.where(mask[..., None], n, 0)[:, ::-1] * np.array([-1, 1, 1], np.float32)
-    assert torch.allclose(out["normal"], torch.from_numpy(expected.transpose(2, 0, 1).copy()), atol=1e-6)
+    assert torch.allclose(
+        out["normal"], torch.from_numpy(expected.transpose(2, 0, 1).copy()), atol=1e-6
+    )
     assert torch.equal(out["mask"], torch.from_numpy(mask[:, ::-1].copy()))
     assert out["pad"].tolist() == [0, 0, 0, 0]
 
@@ -207,11 +250,17 @@ def test_normal_val_pads_image_and_keeps_native_targets(tmp_path):
     n = _normals(40, 24) * 2.5  # not unit length: renormalised at load
     n[0, 0] = np.nan
     root = _dense_folder(tmp_path / "n", "normal", n, ext=".npy")
-    folder = DenseFolder(root, task="normal", augment=resolve("normal/tiny").augment, input_size=(H, W))
+    folder = DenseFolder(
+        root, task="normal", augment=resolve("normal/tiny").augment, input_size=(H, W)
+    )
     out = folder.sample(0, np.random.default_rng(0), train=False)
     # s = min(48 / 24, 64 / 40) = 1.6 -> 38 x 64, padding 10 columns split 5 / 5
     assert out["image"].shape == (3, H, W) and out["pad"].tolist() == [5, 5, 0, 0]
-    assert out["normal"].shape == (3, 40, 24) and not out["mask"][0, 0] and out["mask"].sum() == 40 * 24 - 1
+    assert (
+        out["normal"].shape == (3, 40, 24)
+        and not out["mask"][0, 0]
+        and out["mask"].sum() == 40 * 24 - 1
+    )
     assert torch.allclose(out["normal"][:, 1, 1], torch.from_numpy(n[1, 1] / 2.5), atol=1e-6)
     pad_value = (0 - 123.675) / 58.395
     assert torch.allclose(out["image"][0, :, :5], torch.full((H, 5), pad_value))
@@ -235,11 +284,13 @@ def test_pointmap_targets_are_canonical_and_follow_the_flip(tmp_path):
     assert out["mean_depth"].item() == pytest.approx(float(depth[8:].mean()) * s, rel=1e-5)
     assert out["intrinsics"][0, 2].item() == 23.5
     flip_cfg = resolve("pointmap/tiny", [*DENSE_OFF, "augment.photometric.p=0", "augment.flip.p=1"])
-    flipped = DenseFolder(root, task="pointmap", augment=flip_cfg.augment, input_size=(H, W)).sample(
-        0, np.random.default_rng(0), train=True
-    )
+    flipped = DenseFolder(
+        root, task="pointmap", augment=flip_cfg.augment, input_size=(H, W)
+    ).sample(0, np.random.default_rng(0), train=True)
     # c_x = (W - 1) / 2: the mirrored pixel sees X negated, Y and Z unchanged
-    assert flipped["pointmap"][:, 20, W - 1 - 7].numpy() == pytest.approx(expected * [-1, 1, 1], rel=1e-5)
+    assert flipped["pointmap"][:, 20, W - 1 - 7].numpy() == pytest.approx(
+        expected * [-1, 1, 1], rel=1e-5
+    )
     assert flipped["intrinsics"][0, 2].item() == pytest.approx(W - 1 - 23.5)
     xyz = np.stack([u, v, depth], -1).astype(np.float32)  # a stored H x W x 3 map: Z is used
     root3 = _dense_folder(tmp_path / "p3", "pointmap", xyz, mask=mask, k=k)
@@ -253,15 +304,23 @@ def test_albedo_png_exr_and_rejection(tmp_path):
     rng = np.random.default_rng(2)
     albedo_bgr = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
     root = _dense_folder(tmp_path / "a", "albedo", albedo_bgr, ext=".png")
-    folder = DenseFolder(root, task="albedo", augment=resolve("albedo/tiny").augment, input_size=(H, W))
+    folder = DenseFolder(
+        root, task="albedo", augment=resolve("albedo/tiny").augment, input_size=(H, W)
+    )
     out = folder.sample(0, rng, train=False)
-    assert torch.allclose(out["albedo"][:, 4, 6], torch.from_numpy(albedo_bgr[4, 6, ::-1] / 255.0).float())
+    assert torch.allclose(
+        out["albedo"][:, 4, 6], torch.from_numpy(albedo_bgr[4, 6, ::-1] / 255.0).float()
+    )
     linear = np.full((H, W, 3), 0.5, np.float32)
     linear[0, 0] = 0.001
     root = _dense_folder(tmp_path / "b", "albedo", linear)
-    folder = DenseFolder(root, task="albedo", augment=resolve("albedo/tiny").augment, input_size=(H, W))
+    folder = DenseFolder(
+        root, task="albedo", augment=resolve("albedo/tiny").augment, input_size=(H, W)
+    )
     out = folder.sample(0, rng, train=False)
-    assert out["albedo"][0, 1, 1].item() == pytest.approx(1.055 * 0.5 ** (1 / 2.4) - 0.055, rel=1e-6)
+    assert out["albedo"][0, 1, 1].item() == pytest.approx(
+        1.055 * 0.5 ** (1 / 2.4) - 0.055, rel=1e-6
+    )
     assert out["albedo"][0, 0, 0].item() == pytest.approx(12.92 * 0.001, rel=1e-5)
     assert folder.sample(0, rng, train=True) is None  # near-constant albedo is rejected
 
@@ -270,13 +329,19 @@ def test_dense_folder_errors(tmp_path):
     root = _dense_folder(tmp_path / "n", "normal", _normals(32, 24))
     with pytest.raises(DataError, match=r"a.exr: size 24x32 differs from image a.jpg \(48x64\)"):
         cv2.imwrite(str(root / "images" / "a.jpg"), _image(np.random.default_rng(0)))
-        DenseFolder(root, task="normal", augment=resolve("normal/tiny").augment, input_size=(H, W)).load(0)
+        DenseFolder(
+            root, task="normal", augment=resolve("normal/tiny").augment, input_size=(H, W)
+        ).load(0)
     root = _dense_folder(tmp_path / "p", "pointmap", np.ones((H, W), np.float32))
     with pytest.raises(DataError, match=r"intrinsics: no file for 1 of 1 images \(a\)"):
-        DenseFolder(root, task="pointmap", augment=resolve("pointmap/tiny").augment, input_size=(H, W))
+        DenseFolder(
+            root, task="pointmap", augment=resolve("pointmap/tiny").augment, input_size=(H, W)
+        )
     (root / "intrinsics").mkdir()
     (root / "intrinsics" / "a.json").write_text('{"fx": 1}')
-    folder = DenseFolder(root, task="pointmap", augment=resolve("pointmap/tiny").augment, input_size=(H, W))
+    folder = DenseFolder(
+        root, task="pointmap", augment=resolve("pointmap/tiny").augment, input_size=(H, W)
+    )
     with pytest.raises(DataError, match="a.json: intrinsics JSON needs 'K'"):
         folder.load(0)
 
@@ -309,7 +374,9 @@ def test_sampler_is_deterministic_sharded_and_resumable():
         return [next(it) for _ in range(n)]
 
     one = take(InfiniteSampler(7, seed=3), 14)
-    assert sorted(i for i, _ in one[:7]) == list(range(7)) and sorted(i for i, _ in one[7:]) == list(range(7))
+    assert sorted(i for i, _ in one[:7]) == list(range(7)) and sorted(
+        i for i, _ in one[7:]
+    ) == list(range(7))
     assert [d for _, d in one] == list(range(14)) and one[:7] != one[7:]
     r0 = take(InfiniteSampler(7, seed=3, rank=0, world_size=2), 7)
     r1 = take(InfiniteSampler(7, seed=3, rank=1, world_size=2), 7)
@@ -318,8 +385,14 @@ def test_sampler_is_deterministic_sharded_and_resumable():
 
 
 def test_collate_stacks_equal_shapes_and_lists_the_rest():
-    batch = collate([
-        {"image": torch.zeros(3, 4, 4), "label": torch.zeros(5, 5), "name": "a"},
-        {"image": torch.ones(3, 4, 4), "label": torch.zeros(6, 5), "name": "b"},
-    ])  # fmt: skip
-    assert batch["image"].shape == (2, 3, 4, 4) and isinstance(batch["label"], list) and batch["name"] == ["a", "b"]
+    batch = collate(
+        [
+            {"image": torch.zeros(3, 4, 4), "label": torch.zeros(5, 5), "name": "a"},
+            {"image": torch.ones(3, 4, 4), "label": torch.zeros(6, 5), "name": "b"},
+        ]
+    )
+    assert (
+        batch["image"].shape == (2, 3, 4, 4)
+        and isinstance(batch["label"], list)
+        and batch["name"] == ["a", "b"]
+    )

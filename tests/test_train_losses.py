@@ -35,7 +35,9 @@ def test_seg_cross_entropy_is_weighted_and_averaged_over_all_pixels():
     target = torch.tensor([[[0, 1]]])
     out = seg_loss(logits, target, class_weights=[0.5, 2.0, 7.0], dice_weight=0.0)
     assert out["loss_ce"].item() == pytest.approx((0.5 + 2.0) * LOG3 / 2)
-    ignored = seg_loss(logits, torch.tensor([[[0, 255]]]), class_weights=[0.5, 2.0, 7.0], dice_weight=0.0)
+    ignored = seg_loss(
+        logits, torch.tensor([[[0, 255]]]), class_weights=[0.5, 2.0, 7.0], dice_weight=0.0
+    )
     assert ignored["loss_ce"].item() == pytest.approx(0.5 * LOG3 / 2)  # still divided by 2 pixels
 
 
@@ -46,9 +48,13 @@ def test_seg_dice_by_hand():
     a, b = torch.sigmoid(z).tolist()
     eps = 1e-3
     out = seg_loss(logits, torch.tensor([[[1, 0]]]), class_weights=[1.0, 1.0], ce_weight=0.0)
-    assert out["loss_dice"].item() == pytest.approx(1 - (2 * a + eps) / (a * a + b * b + 1 + eps), rel=1e-6)
+    assert out["loss_dice"].item() == pytest.approx(
+        1 - (2 * a + eps) / (a * a + b * b + 1 + eps), rel=1e-6
+    )
     masked = seg_loss(logits, torch.tensor([[[1, 255]]]), class_weights=[1.0, 1.0], ce_weight=0.0)
-    assert masked["loss_dice"].item() == pytest.approx(1 - (2 * a + eps) / (a * a + 1 + eps), rel=1e-6)
+    assert masked["loss_dice"].item() == pytest.approx(
+        1 - (2 * a + eps) / (a * a + 1 + eps), rel=1e-6
+    )
     # a second sample without foreground contributes 0 but counts in the batch mean
     batch = torch.cat([logits, logits])
     labels = torch.tensor([[[1, 0]], [[0, 0]]])
@@ -73,7 +79,9 @@ def test_seg_dice_averages_present_classes_only():
 def test_seg_logits_are_resized_to_the_label():
     logits = torch.zeros(1, 2, 2, 2)
     logits[:, 1] = 5.0
-    out = seg_loss(logits, torch.ones(1, 4, 4, dtype=torch.long), class_weights=[1.0, 1.0], dice_weight=0.0)
+    out = seg_loss(
+        logits, torch.ones(1, 4, 4, dtype=torch.long), class_weights=[1.0, 1.0], dice_weight=0.0
+    )
     assert out["loss_ce"].item() == pytest.approx(-math.log(1 / (1 + math.exp(-5))), rel=1e-6)
 
 
@@ -87,7 +95,9 @@ def test_heatmap_mse_is_weighted_mean_over_all_elements():
 
 def test_udp_heatmap_peak_and_shape():
     # input 9x9 -> heatmap 5x5: factor (9-1)/(5-1) = 2; keypoint (4, 6) -> heatmap (2, 3)
-    hm, w = udp_heatmaps(np.array([[4.0, 6.0]]), np.array([1]), input_size=(9, 9), heatmap_size=(5, 5), sigma=1.0)
+    hm, w = udp_heatmaps(
+        np.array([[4.0, 6.0]]), np.array([1]), input_size=(9, 9), heatmap_size=(5, 5), sigma=1.0
+    )
     assert hm.shape == (1, 5, 5) and w.tolist() == [1.0]
     assert hm[0, 3, 2] == 1.0 and hm[0].argmax() == 3 * 5 + 2
     assert hm[0, 3, 3] == pytest.approx(math.exp(-0.5))
@@ -97,7 +107,9 @@ def test_udp_heatmap_peak_and_shape():
 def test_udp_heatmap_subpixel_window_and_visibility():
     sigma = 1.0  # window radius 3
     kp = np.array([[2.3, 10.0], [0.0, 0.0], [-5.0, 3.0], [-2.6, 3.0]])
-    hm, w = udp_heatmaps(kp, np.array([1, 0, 1, 1]), input_size=(20, 20), heatmap_size=(20, 20), sigma=sigma)
+    hm, w = udp_heatmaps(
+        kp, np.array([1, 0, 1, 1]), input_size=(20, 20), heatmap_size=(20, 20), sigma=sigma
+    )
     # centre mu = floor(2.3 + 0.5) = 2; values sampled at the exact offset
     assert hm[0, 10, 2] == pytest.approx(math.exp(-(0.3**2) / 2), rel=1e-6)
     assert hm[0, 10, 5] == pytest.approx(math.exp(-(2.7**2) / 2), rel=1e-6)  # |5 - 2| = 3 = radius
@@ -111,18 +123,26 @@ def test_udp_heatmap_subpixel_window_and_visibility():
 
 # --------------------------------------------------------------------------- normals / albedo
 def test_normal_loss_by_hand():
-    pred = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]]).reshape(1, 3, 1, 2)  # pixels (2,0,0), (0,1,0)
+    pred = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]]).reshape(
+        1, 3, 1, 2
+    )  # pixels (2,0,0), (0,1,0)
     target = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]).reshape(1, 3, 1, 2)
     mask = torch.ones(1, 1, 2, dtype=torch.bool)
     out = normal_loss(pred, target, mask)
     assert out["loss_cosine"].item() == pytest.approx(10 * (0 + 1) / 2)
     assert out["loss_l1"].item() == pytest.approx(1 * (1 + 2) / 2)
-    assert out["loss_grad"].item() == pytest.approx(10 * ((-2) ** 2 + 1**2))  # one x pair, no y pair
+    assert out["loss_grad"].item() == pytest.approx(
+        10 * ((-2) ** 2 + 1**2)
+    )  # one x pair, no y pair
     assert out["loss"].item() == pytest.approx(5 + 1.5 + 50)
     # an invalid pixel removes itself and every pair it belongs to, even when it holds NaN
     pred[0, :, 0, 1] = float("nan")
     half = normal_loss(pred, target, torch.tensor([[[True, False]]]))
-    assert half["loss_cosine"].item() == 0 and half["loss_l1"].item() == pytest.approx(1) and half["loss_grad"].item() == 0
+    assert (
+        half["loss_cosine"].item() == 0
+        and half["loss_l1"].item() == pytest.approx(1)
+        and half["loss_grad"].item() == 0
+    )
 
 
 def test_normal_loss_non_finite_terms_become_zero():
@@ -140,7 +160,9 @@ def test_albedo_loss_by_hand():
     assert out["loss_grad"].item() == pytest.approx(2.0 * 0.5 * 1.0**2)  # one x pair, red channel
     chroma_pred = torch.tensor([1.0, 0.4, 0.4]) / (1.8 + 1e-6)
     chroma_gt = torch.full((3,), 0.4 / (1.2 + 1e-6))
-    assert out["loss_chroma"].item() == pytest.approx((chroma_pred - chroma_gt).abs().sum().item() / 2, rel=1e-5)
+    assert out["loss_chroma"].item() == pytest.approx(
+        (chroma_pred - chroma_gt).abs().sum().item() / 2, rel=1e-5
+    )
 
 
 # --------------------------------------------------------------------------- pointmap
@@ -148,7 +170,9 @@ def _pointmap_case():
     """A tilted plane seen by K (f = 40, c = (7.5, 5.5)) on a 12x16 grid, canonical f_c = 80."""
     h, w = 12, 16
     k = torch.tensor([[40.0, 0, 7.5], [0, 40.0, 5.5], [0, 0, 1]])
-    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+    )
     z = 2.0 + 0.05 * u + 0.02 * v
     s = 80.0 / 40.0
     points = torch.stack([(u - 7.5) * z / 40.0, (v - 5.5) * z / 40.0, z]) * s  # canonical
@@ -160,7 +184,9 @@ def _pointmap_case():
 
 def test_pointmap_loss_is_zero_for_a_perfect_prediction():
     target, mask, s, k, d = _pointmap_case()
-    out = pointmap_loss(target.clone(), s.reshape(1, 1), target, mask, scale=s, intrinsics=k, mean_depth=d)
+    out = pointmap_loss(
+        target.clone(), s.reshape(1, 1), target, mask, scale=s, intrinsics=k, mean_depth=d
+    )
     for name, value in out.items():
         assert value.item() == pytest.approx(0.0, abs=2e-5), name
 
@@ -168,7 +194,9 @@ def test_pointmap_loss_is_zero_for_a_perfect_prediction():
 def test_pointmap_loss_terms_by_hand():
     target, mask, s, k, d = _pointmap_case()
     shifted = target + torch.tensor([0.1, 0.0, 0.0]).reshape(1, 3, 1, 1)
-    out = pointmap_loss(shifted, s.reshape(1, 1) + 0.25, target, mask, scale=s, intrinsics=k, mean_depth=d)
+    out = pointmap_loss(
+        shifted, s.reshape(1, 1) + 0.25, target, mask, scale=s, intrinsics=k, mean_depth=d
+    )
     assert out["loss_l1"].item() == pytest.approx(2.0 * 0.1 / d.item(), rel=1e-5)
     assert out["loss_multiscale"].item() == pytest.approx(0.1 / d.item(), rel=1e-5)
     assert out["loss_shift_invariant"].item() == pytest.approx(0.0, abs=1e-6)  # a constant shift
@@ -193,7 +221,9 @@ def test_pointmap_normal_term_detects_a_wrong_orientation():
     target, mask, s, k, d = _pointmap_case()
     flipped_tilt = target.clone()
     flipped_tilt[:, 2] = 2 * target[:, 2].mean() - target[:, 2]  # mirror the plane's slope
-    out = pointmap_loss(flipped_tilt, s.reshape(1, 1), target, mask, scale=s, intrinsics=k, mean_depth=d)
+    out = pointmap_loss(
+        flipped_tilt, s.reshape(1, 1), target, mask, scale=s, intrinsics=k, mean_depth=d
+    )
     assert out["loss_normal"].item() > 0.01
 
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from sapiens2_cli.train.keypoints import KeypointSet
-from sapiens2_cli.train.metrics import AlbedoMetric, NormalMetric, PointmapMetric, SegMetric, to_target_frame
+from sapiens2_cli.train.metrics import (
+    AlbedoMetric,
+    NormalMetric,
+    PointmapMetric,
+    SegMetric,
+    to_target_frame,
+)
 from sapiens2_cli.train.pose_metrics import PoseAPMetric, instance_score, oks_matrix, oks_nms
 
 
@@ -31,7 +37,9 @@ def test_seg_iou_table_by_hand():
 
 def test_seg_perfect_from_logits_and_merge():
     target = torch.tensor([[[0, 1], [2, 255]]])
-    logits = torch.nn.functional.one_hot(torch.tensor([[[0, 1], [2, 0]]]), 3).permute(0, 3, 1, 2).float()
+    logits = (
+        torch.nn.functional.one_hot(torch.tensor([[[0, 1], [2, 0]]]), 3).permute(0, 3, 1, 2).float()
+    )
     a, b = SegMetric(3), SegMetric(3)
     a.update(logits, target)
     b.update(logits, target)
@@ -50,7 +58,9 @@ def _unit(deg: float) -> list[float]:
 
 def test_normal_angle_statistics_by_hand():
     target = torch.tensor([_unit(0)] * 4).T.reshape(1, 3, 1, 4)
-    pred = torch.tensor([_unit(0), _unit(10.2), _unit(90), _unit(45)]).T.reshape(1, 3, 1, 4) * 3.0  # unnormalised
+    pred = (
+        torch.tensor([_unit(0), _unit(10.2), _unit(90), _unit(45)]).T.reshape(1, 3, 1, 4) * 3.0
+    )  # unnormalised
     mask = torch.tensor([[[True, True, True, False]]])
     metric = NormalMetric()
     metric.update(pred, target, mask)
@@ -63,7 +73,10 @@ def test_normal_angle_statistics_by_hand():
     assert out["pct_within_30"] == pytest.approx(200 / 3)
     perfect = NormalMetric()
     perfect.update(target, target, torch.ones(1, 1, 4, dtype=torch.bool))
-    assert perfect.compute()["mean"] == pytest.approx(0, abs=1e-6) and perfect.compute()["pct_within_5"] == 100
+    assert (
+        perfect.compute()["mean"] == pytest.approx(0, abs=1e-6)
+        and perfect.compute()["pct_within_5"] == 100
+    )
 
 
 def test_predictions_are_cropped_and_resized_into_the_target_frame():
@@ -77,13 +90,17 @@ def test_predictions_are_cropped_and_resized_into_the_target_frame():
     pred_n[:, 2, 1:7, 1:5] = 1.0
     target = torch.zeros(1, 3, 12, 8)
     target[:, 2] = 1.0
-    metric.update(pred_n, target, torch.ones(1, 12, 8, dtype=torch.bool), pad=torch.tensor([[1, 1, 1, 1]]))
+    metric.update(
+        pred_n, target, torch.ones(1, 12, 8, dtype=torch.bool), pad=torch.tensor([[1, 1, 1, 1]])
+    )
     assert metric.compute()["mean"] == pytest.approx(0, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- pointmap
 def _plane(h: int = 10, w: int = 12) -> torch.Tensor:
-    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     z = 2.0 + 0.1 * u
     return torch.stack([(u - 5.5) * z / 50, (v - 4.5) * z / 50, z])[None]
 
@@ -94,7 +111,11 @@ def test_pointmap_metric_by_hand():
     metric = PointmapMetric()
     metric.update(target.clone(), target, mask)
     out = metric.compute()
-    assert out["l2_mean"] == 0 and out["within_05_cm"] == 1.0 and out["normal_mean"] == pytest.approx(0, abs=1e-5)
+    assert (
+        out["l2_mean"] == 0
+        and out["within_05_cm"] == 1.0
+        and out["normal_mean"] == pytest.approx(0, abs=1e-5)
+    )
     defined = metric.sums[9].item()
     assert defined == 8 * 10  # border rows / columns have a zero Sobel derivative (reflect-101)
     shifted = PointmapMetric()
@@ -134,9 +155,15 @@ def test_albedo_ssim_of_constant_images_and_range():
     metric = AlbedoMetric()
     metric.update(torch.full((1, 3, 20, 20), 0.5), target, torch.ones(1, 20, 20, dtype=torch.bool))
     c1 = 0.01**2
-    assert metric.compute()["ssim"] == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1), rel=1e-6)
+    assert metric.compute()["ssim"] == pytest.approx(
+        (2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1), rel=1e-6
+    )
     eight_bit = AlbedoMetric()
-    eight_bit.update(torch.full((1, 3, 4, 4), 100.0), torch.full((1, 3, 4, 4), 110.0), torch.ones(1, 4, 4, dtype=torch.bool))
+    eight_bit.update(
+        torch.full((1, 3, 4, 4), 100.0),
+        torch.full((1, 3, 4, 4), 110.0),
+        torch.ones(1, 4, 4, dtype=torch.bool),
+    )
     assert eight_bit.data_range == 255.0
     assert eight_bit.compute()["psnr"] == pytest.approx(10 * math.log10(255**2 / 100))
 
@@ -161,7 +188,11 @@ def test_pose_ap_single_match():
     out = metric.compute()  # OKS 0.8825 matches at thresholds 0.50 ... 0.85 (8 of 10)
     assert out["AP"] == pytest.approx(0.8) and out["AR"] == pytest.approx(0.8)
     # precision tp / (tp + fp + eps) is 1 - 1e-16 for a hit, as in the COCO reference
-    assert out["AP50"] == pytest.approx(1.0) and out["AP75"] == pytest.approx(1.0) and out["AR50"] == 1.0
+    assert (
+        out["AP50"] == pytest.approx(1.0)
+        and out["AP75"] == pytest.approx(1.0)
+        and out["AR50"] == 1.0
+    )
     assert out["AP_M"] == -1.0 and out["AP_L"] == -1.0  # area 100 is below the medium range
 
 
@@ -186,7 +217,9 @@ def test_pose_ap_ignores_crowds_and_empty_ground_truths():
     person = np.array([[10.0, 10.0], [40.0, 40.0]])
     metric = PoseAPMetric(sigmas)
     metric.add_ground_truth(1, np.concatenate([person, np.ones((2, 1))], 1), area=900.0)
-    metric.add_ground_truth(1, np.concatenate([person + 300, np.zeros((2, 1))], 1), area=900.0)  # no visible
+    metric.add_ground_truth(
+        1, np.concatenate([person + 300, np.zeros((2, 1))], 1), area=900.0
+    )  # no visible
     metric.add_prediction(1, person, np.ones(2))
     metric.add_prediction(1, person + 300, np.ones(2), score=0.99)  # matches only the ignored one
     assert metric.compute()["AP"] == pytest.approx(1.0)
@@ -195,13 +228,21 @@ def test_pose_ap_ignores_crowds_and_empty_ground_truths():
 def test_pose_helpers():
     assert instance_score(np.array([0.1, 0.5, 0.9]), bbox_score=0.5) == pytest.approx(0.35)
     assert instance_score(np.array([0.1, 0.2])) == 0.0
-    kpts = np.array([[[0.0, 0.0], [10.0, 10.0]], [[0.5, 0.0], [10.0, 10.5]], [[100.0, 100.0], [120.0, 110.0]]])
+    kpts = np.array(
+        [[[0.0, 0.0], [10.0, 10.0]], [[0.5, 0.0], [10.0, 10.5]], [[100.0, 100.0], [120.0, 110.0]]]
+    )
     assert oks_nms(kpts, np.array([0.5, 0.9, 0.7]), np.full(2, 0.1), 0.9) == [1, 2]
 
 
 def test_pose_ap_subsets_of_the_308_set():
     kset = KeypointSet.keypoints308()
-    assert {k: len(v) for k, v in kset.groups.items()} == {"body": 17, "foot": 6, "face": 238, "left_hand": 20, "right_hand": 20}
+    assert {k: len(v) for k, v in kset.groups.items()} == {
+        "body": 17,
+        "foot": 6,
+        "face": 238,
+        "left_hand": 20,
+        "right_hand": 20,
+    }
     rng = np.random.default_rng(0)
     gt = np.concatenate([rng.uniform(100, 400, (308, 2)), np.ones((308, 1))], 1)
     metric = PoseAPMetric(kset.sigmas, subsets=kset.groups)

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from sapiens2_cli.train.config import OptimConfig, ScheduleConfig
-from sapiens2_cli.train.optim import build_optimizer, build_scheduler, clean_name, layer_depth, lr_factor, param_groups
+from sapiens2_cli.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    clean_name,
+    layer_depth,
+    lr_factor,
+    param_groups,
+)
 
 
 class _Fake(torch.nn.Module):
@@ -33,12 +40,17 @@ def test_layer_depth_rules():
     assert layer_depth("backbone.ln1.weight", 40) == 41
     assert layer_depth("decode_head.conv_seg.weight", 40) == 41
     assert layer_depth("module._orig_mod.backbone.blocks.3.ln1.weight", 40) == 4
-    assert clean_name("_fsdp_wrapped_module.backbone._fsdp_wrapped_module.blocks.2.x") == "backbone.blocks.2.x"
+    assert (
+        clean_name("_fsdp_wrapped_module.backbone._fsdp_wrapped_module.blocks.2.x")
+        == "backbone.blocks.2.x"
+    )
 
 
 def test_param_groups_match_the_spec_examples():
     # 1B: L = 40, r = 0.9, lr 5e-4 -> embeddings 6.65e-6, block 0 7.39e-6, last block 4.5e-4
-    groups = param_groups(_Fake(40).named_parameters(), lr=5e-4, weight_decay=0.1, layer_decay=0.9, num_layers=40)
+    groups = param_groups(
+        _Fake(40).named_parameters(), lr=5e-4, weight_decay=0.1, layer_decay=0.9, num_layers=40
+    )
     by_name = {n: g for g in groups for n in g["names"]}
     assert by_name["backbone.cls_token"]["lr"] == pytest.approx(6.65e-6, rel=1e-3)
     assert by_name["backbone.blocks.0.weight"]["lr"] == pytest.approx(7.39e-6, rel=1e-3)
@@ -53,23 +65,33 @@ def test_param_groups_match_the_spec_examples():
     assert by_name["backbone.ln1.weight"]["weight_decay"] == 0.0
     assert by_name["decode_head.bias"]["weight_decay"] == 0.0
     # 0.4B (L = 24, r = 0.8): embeddings 1.89e-6;  5B (L = 56, r = 0.94, 1e-4): 2.94e-6
-    small = param_groups(_Fake(24).named_parameters(), lr=5e-4, weight_decay=0.1, layer_decay=0.8, num_layers=24)
+    small = param_groups(
+        _Fake(24).named_parameters(), lr=5e-4, weight_decay=0.1, layer_decay=0.8, num_layers=24
+    )
     assert small[0]["lr"] == pytest.approx(1.89e-6, rel=2e-3)
-    big = param_groups(_Fake(56).named_parameters(), lr=1e-4, weight_decay=0.1, layer_decay=0.94, num_layers=56)
+    big = param_groups(
+        _Fake(56).named_parameters(), lr=1e-4, weight_decay=0.1, layer_decay=0.94, num_layers=56
+    )
     assert big[0]["lr"] == pytest.approx(2.94e-6, rel=2e-3)
-    flat = param_groups(_Fake(2).named_parameters(), lr=1e-3, weight_decay=0.1, layer_decay=None, num_layers=2)
+    flat = param_groups(
+        _Fake(2).named_parameters(), lr=1e-3, weight_decay=0.1, layer_decay=None, num_layers=2
+    )
     assert {g["lr"] for g in flat} == {1e-3}
 
 
 def test_lr_schedule_linear_and_cosine():
     cfg = ScheduleConfig()  # 500 warm-up iterations from 1e-3, linear decay to 0
     assert lr_factor(0, iterations=20000, base_lr=5e-4, cfg=cfg) == pytest.approx(1e-3)
-    assert lr_factor(250, iterations=20000, base_lr=5e-4, cfg=cfg) == pytest.approx(1e-3 + 0.999 * 0.5)
+    assert lr_factor(250, iterations=20000, base_lr=5e-4, cfg=cfg) == pytest.approx(
+        1e-3 + 0.999 * 0.5
+    )
     assert lr_factor(500, iterations=20000, base_lr=5e-4, cfg=cfg) == 1.0
     assert lr_factor(10250, iterations=20000, base_lr=5e-4, cfg=cfg) == pytest.approx(0.5)
     assert lr_factor(20000, iterations=20000, base_lr=5e-4, cfg=cfg) == 0.0
     cosine = ScheduleConfig(warmup_iters=1000, decay="cosine", final_lr=1e-7)
-    assert lr_factor(1000 + 249500, iterations=500000, base_lr=1e-4, cfg=cosine) == pytest.approx(0.5 + 0.5e-3)
+    assert lr_factor(1000 + 249500, iterations=500000, base_lr=1e-4, cfg=cosine) == pytest.approx(
+        0.5 + 0.5e-3
+    )
     assert lr_factor(500000, iterations=500000, base_lr=1e-4, cfg=cosine) == pytest.approx(1e-3)
 
 
@@ -77,7 +99,9 @@ def test_optimizer_and_scheduler_drive_group_lrs():
     model = _Fake(2)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3, layer_decay=0.5), num_layers=2)
     assert optimizer.defaults["betas"] == (0.9, 0.999)
-    scheduler = build_scheduler(optimizer, ScheduleConfig(warmup_iters=2), iterations=4, base_lr=1e-3)
+    scheduler = build_scheduler(
+        optimizer, ScheduleConfig(warmup_iters=2), iterations=4, base_lr=1e-3
+    )
     lrs = []
     for _ in range(4):
         lrs.append(sorted(g["lr"] for g in optimizer.param_groups))

@@ -50,8 +50,12 @@ def write_exr(path: str | Path, array: np.ndarray, channel_names: Sequence[str])
             f"{path}: {len(names)} channel names {names} for an array with {data.shape[2]} channels"
         )
     if len(set(names)) != len(names) or any(not n or "," in n for n in names):
-        raise ValueError(f"{path}: channel names must be distinct, non-empty, without commas: {names}")
-    channels = {n: np.ascontiguousarray(data[:, :, i], dtype=np.float32) for i, n in enumerate(names)}
+        raise ValueError(
+            f"{path}: channel names must be distinct, non-empty, without commas: {names}"
+        )
+    channels = {
+        n: np.ascontiguousarray(data[:, :, i], dtype=np.float32) for i, n in enumerate(names)
+    }
     header = {
         "compression": OpenEXR.ZIP_COMPRESSION,
         "type": OpenEXR.scanlineimage,
@@ -92,7 +96,9 @@ def read_exr(path: str | Path) -> tuple[np.ndarray, list[str]]:
     names = _channel_order(stored_order, list(channels))
     shapes = {channels[n].shape for n in names}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"{path}: EXR channels have unequal or sub-sampled shapes {sorted(shapes)}")
+        raise ValueError(
+            f"{path}: EXR channels have unequal or sub-sampled shapes {sorted(shapes)}"
+        )
     array = np.stack([channels[n].astype(np.float32) for n in names], axis=-1)
     return array, names
 

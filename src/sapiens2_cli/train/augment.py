@@ -210,7 +210,12 @@ def seg_random_resize(
 
 
 def seg_random_crop(
-    sample: DenseSample, rng: np.random.Generator, cfg: SegCrop, size: tuple[int, int], *, ignore_index: int = 255
+    sample: DenseSample,
+    rng: np.random.Generator,
+    cfg: SegCrop,
+    size: tuple[int, int],
+    *,
+    ignore_index: int = 255,
 ) -> DenseSample:
     """With probability ``p`` crop ``size`` (padding bottom / right first if smaller: image 0,
     label 255); up to ``tries`` draws for one with at least two labels where the most frequent
@@ -244,7 +249,9 @@ def random_rotate(sample: DenseSample, rng: np.random.Generator, cfg: Rotate) ->
     matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
 
     def warp(array: np.ndarray, interp: int, fill: float) -> np.ndarray:
-        out = cv2.warpAffine(array, matrix, (w, h), flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+        out = cv2.warpAffine(
+            array, matrix, (w, h), flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
+        )
         return out.reshape(array.shape)
 
     maps = {}

@@ -92,9 +92,14 @@ class DenseFolder:
     }
 
     def __init__(
-        self, root: str | Path, *, task: Literal["normal", "albedo", "pointmap"], augment: Any,
-        input_size: tuple[int, int], albedo_exr_linear: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        root: str | Path,
+        *,
+        task: Literal["normal", "albedo", "pointmap"],
+        augment: Any,
+        input_size: tuple[int, int],
+        albedo_exr_linear: bool = True,
+    ) -> None:
         self.root, self.task, self.augment = Path(root), task, augment
         self.input_size, self.albedo_exr_linear = tuple(input_size), albedo_exr_linear
         folder, extensions = self.TARGETS[task]
@@ -103,38 +108,65 @@ class DenseFolder:
         require_targets(self.root / folder, self.images, self.targets, extensions)
         self.masks: list[Path | None] = [None] * len(self.images)
         if (self.root / "masks").is_dir():
-            self.masks = [find_target(self.root / "masks", p.stem, MASK_EXTENSIONS) for p in self.images]
+            self.masks = [
+                find_target(self.root / "masks", p.stem, MASK_EXTENSIONS) for p in self.images
+            ]
             require_targets(self.root / "masks", self.images, self.masks, MASK_EXTENSIONS)
         self.intrinsics: list[Path | None] = [None] * len(self.images)
         if task == "pointmap":
-            self.intrinsics = [find_target(self.root / "intrinsics", p.stem, (".json", ".txt")) for p in self.images]
-            require_targets(self.root / "intrinsics", self.images, self.intrinsics, (".json", ".txt"))
+            self.intrinsics = [
+                find_target(self.root / "intrinsics", p.stem, (".json", ".txt"))
+                for p in self.images
+            ]
+            require_targets(
+                self.root / "intrinsics", self.images, self.intrinsics, (".json", ".txt")
+            )
 
     def __len__(self) -> int:
         return len(self.images)
 
     def load(self, index: int) -> DenseSample:
         """The sample at source resolution: image, target map, ``mask`` (uint8) and K."""
-        image_path, target_path, mask_path = self.images[index], self.targets[index], self.masks[index]
+        image_path, target_path, mask_path = (
+            self.images[index],
+            self.targets[index],
+            self.masks[index],
+        )
         image = read_image(image_path)
         target = read_float_map(target_path, npz_key="normal")
         h, w = image.shape[:2]
         if target.shape[:2] != (h, w):
-            raise DataError(f"{target_path}: size {target.shape[1]}x{target.shape[0]} differs from image {image_path.name} ({w}x{h})")
+            raise DataError(
+                f"{target_path}: size {target.shape[1]}x{target.shape[0]} differs from image "
+                f"{image_path.name} ({w}x{h})"
+            )
         mask = np.ones((h, w), dtype=bool) if mask_path is None else read_mask(mask_path)
         if mask.shape != (h, w):
-            raise DataError(f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from image {image_path.name} ({w}x{h})")
+            raise DataError(
+                f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                f"{image_path.name} ({w}x{h})"
+            )
         maps: dict[str, np.ndarray]
         if self.task == "pointmap":
             if target.ndim == 3 and target.shape[2] == 3:
                 target = target[..., 2]
             elif target.ndim != 2:
-                raise DataError(f"{target_path}: pointmap must be H x W depth or H x W x 3 XYZ, got {target.shape}")
+                raise DataError(
+                    f"{target_path}: pointmap must be H x W depth or H x W x 3 XYZ, "
+                    f"got {target.shape}"
+                )
             valid = mask & np.isfinite(target) & (target > 0)
-            maps = {"depth": np.where(valid, target, 0).astype(np.float32), "mask": valid.astype(np.uint8)}
-            return DenseSample(image=image, maps=maps, intrinsics=read_intrinsics(self.intrinsics[index]))
+            maps = {
+                "depth": np.where(valid, target, 0).astype(np.float32),
+                "mask": valid.astype(np.uint8),
+            }
+            return DenseSample(
+                image=image, maps=maps, intrinsics=read_intrinsics(self.intrinsics[index])
+            )
         if target.ndim != 3 or target.shape[2] != 3:
-            raise DataError(f"{target_path}: {self.task} map must be H x W x 3, got shape {target.shape}")
+            raise DataError(
+                f"{target_path}: {self.task} map must be H x W x 3, got shape {target.shape}"
+            )
         if self.task == "normal":
             if target_path.suffix.lower() == ".png":
                 target = 2 * target - 1
@@ -180,15 +212,18 @@ class DenseFolder:
         }
         if self.task == "pointmap":
             points, valid, scale, mean_depth = pipelines.pointmap_target(
-                sample.maps["depth"], sample.maps["mask"], sample.intrinsics,
+                sample.maps["depth"],
+                sample.maps["mask"],
+                sample.intrinsics,
                 canonical_focal=self.augment.canonical_focal,
-            )  # fmt: skip
+            )
             out.update(
-                pointmap=_chw(points), mask=torch.from_numpy(valid),
+                pointmap=_chw(points),
+                mask=torch.from_numpy(valid),
                 scale=torch.tensor(scale, dtype=torch.float32),
                 intrinsics=torch.from_numpy(sample.intrinsics.astype(np.float32)),
                 mean_depth=torch.tensor(mean_depth, dtype=torch.float32),
-            )  # fmt: skip
+            )
         else:
             out[self.task] = _chw(sample.maps[self.task])
             out["mask"] = torch.from_numpy(sample.maps["mask"] > 0)
@@ -206,7 +241,12 @@ class Mixture(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, parts: Sequence[tuple[Any, int, int]], *, seed: int, train: bool, max_retries: int = 1000
+        self,
+        parts: Sequence[tuple[Any, int, int]],
+        *,
+        seed: int,
+        train: bool,
+        max_retries: int = 1000,
     ) -> None:
         if not parts:
             raise DataError("no dataset folders given (data.train / data.val)")
@@ -214,7 +254,10 @@ class Mixture(torch.utils.data.Dataset):
         self.sizes = []
         for dataset, repeat, k in self.parts:
             if len(dataset) // k == 0:
-                raise DataError(f"{getattr(dataset, 'root', dataset)}: {len(dataset)} samples, fewer than subsample {k}")
+                raise DataError(
+                    f"{getattr(dataset, 'root', dataset)}: {len(dataset)} samples, "
+                    f"fewer than subsample {k}"
+                )
             self.sizes.append(repeat * (len(dataset) // k))
         self.offsets = np.cumsum([0, *self.sizes])
 
@@ -240,9 +283,13 @@ class Mixture(torch.utils.data.Dataset):
             if out is not None:
                 return out
             if not self.train:
-                raise DataError(f"validation sample {index} of {getattr(dataset, 'root', '')} was rejected")
+                raise DataError(
+                    f"validation sample {index} of {getattr(dataset, 'root', '')} was rejected"
+                )
             index = int(rng.integers(len(self)))
-        raise DataError(f"no sample passed the recipe's filters in {self.max_retries} redraws (draw {draw})")
+        raise DataError(
+            f"no sample passed the recipe's filters in {self.max_retries} redraws (draw {draw})"
+        )
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -268,13 +315,22 @@ def build_dataset(cfg: Any, *, split: Literal["train", "val"]) -> Mixture:
     for spec in specs:
         if cfg.task == "seg":
             class_map = Path(cfg.data.class_map) if cfg.data.class_map else None
-            dataset = SegFolder(spec.path, augment=cfg.augment, input_size=size, class_map=class_map)
+            dataset = SegFolder(
+                spec.path, augment=cfg.augment, input_size=size, class_map=class_map
+            )
         elif cfg.task == "pose":
-            dataset = PoseCocoDataset(spec.path, augment=cfg.augment, input_size=size, train=split == "train")
+            dataset = PoseCocoDataset(
+                spec.path, augment=cfg.augment, input_size=size, train=split == "train"
+            )
         else:
             dataset = DenseFolder(
-                spec.path, task=cfg.task, augment=cfg.augment, input_size=size,
+                spec.path,
+                task=cfg.task,
+                augment=cfg.augment,
+                input_size=size,
                 albedo_exr_linear=cfg.data.albedo_exr_linear,
-            )  # fmt: skip
+            )
         parts.append((dataset, spec.repeat, spec.subsample))
-    return Mixture(parts, seed=cfg.train.seed, train=split == "train", max_retries=cfg.data.max_retries)
+    return Mixture(
+        parts, seed=cfg.train.seed, train=split == "train", max_retries=cfg.data.max_retries
+    )

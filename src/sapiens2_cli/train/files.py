@@ -41,18 +41,25 @@ def list_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (case-insensitive extensions), sorted by name."""
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder does not exist")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     if not images:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     stems: dict[str, Path] = {}
     for path in images:
         if path.stem in stems:
-            raise DataError(f"{folder}: two images share the name {path.stem!r} ({stems[path.stem].name}, {path.name})")
+            raise DataError(
+                f"{folder}: two images share the name {path.stem!r} "
+                f"({stems[path.stem].name}, {path.name})"
+            )
         stems[path.stem] = path
     return images
 
 
-def require_targets(folder: Path, images: list[Path], found: Sequence[Path | None], extensions: tuple[str, ...]) -> None:
+def require_targets(
+    folder: Path, images: list[Path], found: Sequence[Path | None], extensions: tuple[str, ...]
+) -> None:
     """Raise naming the folder and the first images without a target file."""
     missing = [img.stem for img, path in zip(images, found) if path is None]
     if missing:
@@ -112,8 +119,14 @@ def read_label(path: Path) -> np.ndarray:
         rgb = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if rgb is None:
             raise DataError(f"{path}: cannot be decoded as a PNG")
-        packed = (rgb[..., 2].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 0]
-        keys = (palette[:, 0].astype(np.int32) << 16) | (palette[:, 1].astype(np.int32) << 8) | palette[:, 2]
+        packed = (
+            (rgb[..., 2].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 0]
+        )
+        keys = (
+            (palette[:, 0].astype(np.int32) << 16)
+            | (palette[:, 1].astype(np.int32) << 8)
+            | palette[:, 2]
+        )
         first = {}
         for index, key in enumerate(keys.tolist()):
             first.setdefault(key, index)  # duplicated colours read as their lowest index
@@ -127,10 +140,17 @@ def read_label(path: Path) -> np.ndarray:
     if label is None:
         raise DataError(f"{path}: cannot be decoded as a label image")
     if label.ndim == 3:
-        if label.shape[2] >= 3 and (label[..., 0] == label[..., 1]).all() and (label[..., 1] == label[..., 2]).all():
+        if (
+            label.shape[2] >= 3
+            and (label[..., 0] == label[..., 1]).all()
+            and (label[..., 1] == label[..., 2]).all()
+        ):
             label = label[..., 0]
         else:
-            raise DataError(f"{path}: label map must have one channel of class ids, got {label.shape[2]} channels")
+            raise DataError(
+                f"{path}: label map must have one channel of class ids, "
+                f"got {label.shape[2]} channels"
+            )
     if label.dtype != np.uint8:
         raise DataError(f"{path}: label map must be 8-bit, got {label.dtype}")
     return label
@@ -153,7 +173,9 @@ def read_float_map(path: Path, *, npz_key: str | None = None) -> np.ndarray:
                 keys = list(archive.keys())
                 key = npz_key if npz_key in keys else (keys[0] if len(keys) == 1 else None)
                 if key is None:
-                    raise DataError(f"{path}: .npz needs the key {npz_key!r} or a single array, has {keys}")
+                    raise DataError(
+                        f"{path}: .npz needs the key {npz_key!r} or a single array, has {keys}"
+                    )
                 array = archive[key]
         elif suffix == ".exr":
             array, _ = read_exr(path)
@@ -170,13 +192,17 @@ def read_float_map(path: Path, *, npz_key: str | None = None) -> np.ndarray:
             if array.ndim == 3:
                 array = array[..., :3][..., ::-1]
         else:
-            raise DataError(f"{path}: unsupported float map format {suffix!r} (.npy, .npz, .exr, .png)")
+            raise DataError(
+                f"{path}: unsupported float map format {suffix!r} (.npy, .npz, .exr, .png)"
+            )
     except DataError:
         raise
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot be read ({err})") from err
     if array.ndim not in (2, 3) or not np.issubdtype(array.dtype, np.number):
-        raise DataError(f"{path}: expected a numeric H x W or H x W x C array, got {array.dtype} {array.shape}")
+        raise DataError(
+            f"{path}: expected a numeric H x W or H x W x C array, got {array.dtype} {array.shape}"
+        )
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -207,7 +233,10 @@ def read_intrinsics(path: Path) -> np.ndarray:
             if isinstance(data, dict) and "K" in data:
                 k = np.asarray(data["K"], dtype=np.float64)
             elif isinstance(data, dict) and {"fx", "fy", "cx", "cy"} <= data.keys():
-                k = np.array([[data["fx"], 0, data["cx"]], [0, data["fy"], data["cy"]], [0, 0, 1]], dtype=np.float64)
+                k = np.array(
+                    [[data["fx"], 0, data["cx"]], [0, data["fy"], data["cy"]], [0, 0, 1]],
+                    dtype=np.float64,
+                )
             else:
                 raise DataError(f"{path}: intrinsics JSON needs 'K' (3x3) or fx, fy, cx, cy")
         else:
@@ -217,5 +246,7 @@ def read_intrinsics(path: Path) -> np.ndarray:
     except (OSError, ValueError, TypeError) as err:
         raise DataError(f"{path}: cannot be read as intrinsics ({err})") from err
     if k.shape != (3, 3) or not np.isfinite(k).all() or k[0, 0] <= 0 or k[1, 1] <= 0:
-        raise DataError(f"{path}: intrinsics must be a finite 3x3 matrix with positive fx, fy, got {k.tolist()}")
+        raise DataError(
+            f"{path}: intrinsics must be a finite 3x3 matrix with positive fx, fy, got {k.tolist()}"
+        )
     return k

@@ -46,7 +46,9 @@ def udp_heatmaps(
     visible = np.asarray(visible)
     num = keypoints.shape[0]
     if keypoints.shape != (num, 2) or visible.shape != (num,):
-        raise ValueError(f"keypoints must be [K, 2] and visible [K], got {keypoints.shape}, {visible.shape}")
+        raise ValueError(
+            f"keypoints must be [K, 2] and visible [K], got {keypoints.shape}, {visible.shape}"
+        )
     (in_w, in_h), (hm_w, hm_h) = input_size, heatmap_size
     stride = np.array([(in_w - 1) / (hm_w - 1), (in_h - 1) / (hm_h - 1)])
     points = keypoints / stride  # [K, 2] heatmap units

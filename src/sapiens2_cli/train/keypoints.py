@@ -25,7 +25,9 @@ __all__ = ["KeypointSet"]
 
 @lru_cache(maxsize=1)
 def _table() -> dict[str, Any]:
-    return json.loads(resources.files("sapiens2_cli.data").joinpath("keypoints308.json").read_text())
+    return json.loads(
+        resources.files("sapiens2_cli.data").joinpath("keypoints308.json").read_text()
+    )
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,12 @@ class KeypointSet:
             names=tuple(r["name"] for r in rows),
             flip_index=np.array([r["flip_index"] for r in rows], dtype=np.int64),
             sigmas=np.array([r["sigma"] for r in rows], dtype=np.float64),
-            upper=np.array([r["index"] for r in rows if r["half_body_type"] == "upper"], dtype=np.int64),
-            lower=np.array([r["index"] for r in rows if r["half_body_type"] == "lower"], dtype=np.int64),
+            upper=np.array(
+                [r["index"] for r in rows if r["half_body_type"] == "upper"], dtype=np.int64
+            ),
+            lower=np.array(
+                [r["index"] for r in rows if r["half_body_type"] == "lower"], dtype=np.int64
+            ),
             groups={k: np.array(v, dtype=np.int64) for k, v in groups.items() if k != "extra"},
             is_308=True,
         )
@@ -81,10 +87,17 @@ class KeypointSet:
         flip = np.arange(len(names), dtype=np.int64)
         pairs = category.get("flip_pairs")
         if pairs is None:
-            pairs = [(i, index[_swap_side(n)]) for i, n in enumerate(names) if _swap_side(n) in index]
+            pairs = [
+                (i, index[_swap_side(n)]) for i, n in enumerate(names) if _swap_side(n) in index
+            ]
         for pair in pairs:
             a, b = (index[p] if isinstance(p, str) and p in index else p for p in pair)
-            if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < len(names) and 0 <= b < len(names)):
+            if not (
+                isinstance(a, int)
+                and isinstance(b, int)
+                and 0 <= a < len(names)
+                and 0 <= b < len(names)
+            ):
                 raise DataError(f"{where}: flip pair {pair} does not name two keypoints")
             flip[a], flip[b] = b, a
         known = {n: i for i, n in enumerate(base.names)}
@@ -104,9 +117,12 @@ class KeypointSet:
             return np.array([i for i, n in enumerate(names) if n in tagged], dtype=np.int64)
 
         return cls(
-            names=names, flip_index=flip, sigmas=sigmas,
-            upper=ids("upper_body_ids", base.upper), lower=ids("lower_body_ids", base.lower),
-        )  # fmt: skip
+            names=names,
+            flip_index=flip,
+            sigmas=sigmas,
+            upper=ids("upper_body_ids", base.upper),
+            lower=ids("lower_body_ids", base.lower),
+        )
 
 
 def _swap_side(name: str) -> str:

@@ -39,7 +39,10 @@ def finite_or_zero(value: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sum_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum(values[..., mask]) / count(mask)``; ``values`` ``[B, C, H, W]``, ``mask`` ``[B, H, W]``."""
+    """``sum(values[..., mask]) / count(mask)``.
+
+    ``values`` ``[B, C, H, W]``, ``mask`` ``[B, H, W]`` bool.
+    """
     kept = torch.where(mask.unsqueeze(1), values, torch.zeros_like(values))  # NaN-safe
     return kept.sum() / mask.sum().clamp(min=1).to(values.dtype)
 
@@ -93,7 +96,9 @@ def seg_loss(
     weights = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
     if weights.numel() != logits.shape[1]:
         raise ValueError(f"{weights.numel()} class weights for {logits.shape[1]} logit channels")
-    nll = F.cross_entropy(logits, target, weight=weights, ignore_index=ignore_index, reduction="none")
+    nll = F.cross_entropy(
+        logits, target, weight=weights, ignore_index=ignore_index, reduction="none"
+    )
     ce = nll.mean()
 
     valid = target != ignore_index  # [B, H, W]
@@ -101,7 +106,9 @@ def seg_loss(
     onehot = F.one_hot(torch.where(valid, target, 0), logits.shape[1]).permute(0, 3, 1, 2)
     onehot = onehot.to(probs.dtype) * valid.unsqueeze(1)
     p, g = probs[:, 1:], onehot[:, 1:]  # drop background
-    dice = (2 * (p * g).sum((2, 3)) + dice_eps) / (p.square().sum((2, 3)) + g.square().sum((2, 3)) + dice_eps)
+    dice = (2 * (p * g).sum((2, 3)) + dice_eps) / (
+        p.square().sum((2, 3)) + g.square().sum((2, 3)) + dice_eps
+    )
     present = (g.sum((2, 3)) > 0).to(dice.dtype)  # [B, C-1]
     count = present.sum(1)
     per_sample = torch.where(
@@ -117,7 +124,11 @@ def seg_loss(
 
 # --------------------------------------------------------------------------- pose
 def heatmap_mse_loss(
-    pred: torch.Tensor, target: torch.Tensor, keypoint_weights: torch.Tensor, *, weight: float = 10.0
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    keypoint_weights: torch.Tensor,
+    *,
+    weight: float = 10.0,
 ) -> dict[str, torch.Tensor]:
     """Keypoint-weighted heatmap MSE: ``weight * mean_{b,k,y,x} w_bk (pred - target)^2``.
 
@@ -125,7 +136,9 @@ def heatmap_mse_loss(
     every element, not only over visible keypoints.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"heatmap shapes differ: prediction {tuple(pred.shape)}, target {tuple(target.shape)}")
+        raise ValueError(
+            f"heatmap shapes differ: prediction {tuple(pred.shape)}, target {tuple(target.shape)}"
+        )
     err = (pred.float() - target.float()).square() * keypoint_weights.float()[:, :, None, None]
     loss = finite_or_zero(weight * err.mean())
     return {"loss_heatmap": loss, "loss": loss}
@@ -211,26 +224,44 @@ def build_loss(task: str, cfg: Any, *, class_weights: list[float] | None = None)
     if task == "seg" and isinstance(cfg, SegLoss):
         weights = cfg.class_weights or class_weights or seg29_class_weights()
         return lambda out, batch: seg_loss(
-            out, batch["label"], class_weights=weights, ce_weight=cfg.ce_weight,
-            dice_weight=cfg.dice_weight, dice_eps=cfg.dice_eps,
-        )  # fmt: skip
+            out,
+            batch["label"],
+            class_weights=weights,
+            ce_weight=cfg.ce_weight,
+            dice_weight=cfg.dice_weight,
+            dice_eps=cfg.dice_eps,
+        )
     if task == "pose" and isinstance(cfg, PoseLoss):
         return lambda out, batch: heatmap_mse_loss(
             out, batch["heatmaps"], batch["keypoint_weights"], weight=cfg.weight
         )
     if task == "normal" and isinstance(cfg, NormalLoss):
         return lambda out, batch: normal_loss(
-            out, batch["normal"], batch["mask"], cosine_weight=cfg.cosine_weight,
-            l1_weight=cfg.l1_weight, grad_weight=cfg.grad_weight,
-        )  # fmt: skip
+            out,
+            batch["normal"],
+            batch["mask"],
+            cosine_weight=cfg.cosine_weight,
+            l1_weight=cfg.l1_weight,
+            grad_weight=cfg.grad_weight,
+        )
     if task == "albedo" and isinstance(cfg, AlbedoLoss):
         return lambda out, batch: albedo_loss(
-            out, batch["albedo"], batch["mask"], l1_weight=cfg.l1_weight,
-            grad_weight=cfg.grad_weight, chroma_weight=cfg.chroma_weight,
-        )  # fmt: skip
+            out,
+            batch["albedo"],
+            batch["mask"],
+            l1_weight=cfg.l1_weight,
+            grad_weight=cfg.grad_weight,
+            chroma_weight=cfg.chroma_weight,
+        )
     if task == "pointmap" and isinstance(cfg, PointmapLoss):
         return lambda out, batch: pointmap_loss(
-            out[0], out[1], batch["pointmap"], batch["mask"], scale=batch["scale"],
-            intrinsics=batch["intrinsics"], mean_depth=batch["mean_depth"], cfg=cfg,
-        )  # fmt: skip
+            out[0],
+            out[1],
+            batch["pointmap"],
+            batch["mask"],
+            scale=batch["scale"],
+            intrinsics=batch["intrinsics"],
+            mean_depth=batch["mean_depth"],
+            cfg=cfg,
+        )
     raise ValueError(f"no loss for task {task!r} with a {type(cfg).__name__} section")

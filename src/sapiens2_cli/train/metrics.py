@@ -48,7 +48,7 @@ def to_target_frame(
 
 
 def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Angle between unit-normalised ``a`` and ``b`` (``[B, 3, H, W]``) in degrees, ``[B, H, W]``."""
+    """Angle in degrees ``[B, H, W]`` between normalised ``a`` and ``b`` (``[B, 3, H, W]``)."""
     a = F.normalize(a.double(), dim=1, eps=1e-12)
     b = F.normalize(b.double(), dim=1, eps=1e-12)
     return torch.rad2deg(torch.arccos((a * b).sum(1).clamp(-1.0, 1.0)))
@@ -70,12 +70,17 @@ class _Pooled:
 def _angle_stats(theta: torch.Tensor) -> torch.Tensor:
     """[count, sum, sum of squares, counts below each threshold] of a 1-D angle tensor (deg)."""
     below = [(theta < t).sum() for t in ANGLE_THRESHOLDS]
-    return torch.stack([theta.new_tensor(theta.numel()), theta.sum(), theta.square().sum(), *below]).double()
+    return torch.stack(
+        [theta.new_tensor(theta.numel()), theta.sum(), theta.square().sum(), *below]
+    ).double()
 
 
 def _angle_report(stats: torch.Tensor, prefix: str) -> dict[str, float]:
     count = max(stats[0].item(), 1.0)
-    out = {f"{prefix}mean": stats[1].item() / count, f"{prefix}rmse": math.sqrt(stats[2].item() / count)}
+    out = {
+        f"{prefix}mean": stats[1].item() / count,
+        f"{prefix}rmse": math.sqrt(stats[2].item() / count),
+    }
     for t, n in zip(ANGLE_THRESHOLDS, stats[3:7]):
         out[f"{prefix}pct_within_{t:g}"] = 100.0 * n.item() / count
     return out
@@ -97,15 +102,19 @@ class SegMetric(_Pooled):
         super().__init__()
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """``pred`` class ids (same shape as ``target``, any int dtype) or logits ``[B, C, h, w]``."""
+        """``pred``: class ids shaped like ``target`` or logits ``[B, C, h, w]``."""
         if pred.dim() == target.dim() + 1:
             pred = to_target_frame(pred, tuple(target.shape[-2:])).argmax(1)
         if pred.shape != target.shape:
-            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} differ")
+            raise ValueError(
+                f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} differ"
+            )
         valid = target != self.ignore_index
         gt, pr = target[valid].long(), pred[valid].long()
         if gt.numel() and (gt.max() >= self.num_classes or gt.min() < 0):
-            raise ValueError(f"label ids outside [0, {self.num_classes}) besides {self.ignore_index}")
+            raise ValueError(
+                f"label ids outside [0, {self.num_classes}) besides {self.ignore_index}"
+            )
         index = (gt * self.num_classes + pr).cpu()
         self.sums += torch.bincount(index, minlength=self.size).double()
 
@@ -140,7 +149,12 @@ class NormalMetric(_Pooled):
     size = 7 + HIST_BINS
 
     def update(
-        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, pad: torch.Tensor | None = None
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        pad: torch.Tensor | None = None,
     ) -> None:
         """``pred`` ``[B, 3, h, w]`` raw, ``target`` ``[B, 3, H, W]``, ``mask`` ``[B, H, W]``."""
         pred = to_target_frame(pred, tuple(target.shape[-2:]), pad)
@@ -195,7 +209,8 @@ class PointmapMetric(_Pooled):
     size = 9 + 7
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
-        """``pred`` (raw P~, the scale output is ignored), ``target`` ``[B, 3, H, W]``, ``mask`` ``[B, H, W]``."""
+        """``pred`` raw P~ (the scale output is ignored) and ``target`` ``[B, 3, H, W]``,
+        ``mask`` ``[B, H, W]``."""
         pred = to_target_frame(pred, tuple(target.shape[-2:])).double()
         target = target.double()
         mask = mask.bool()
@@ -252,7 +267,12 @@ class AlbedoMetric(_Pooled):
         self.data_range: float | None = None
 
     def update(
-        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, pad: torch.Tensor | None = None
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        pad: torch.Tensor | None = None,
     ) -> None:
         """``pred`` ``[B, 3, h, w]``, ``target`` ``[B, 3, H, W]``, ``mask`` ``[B, H, W]``."""
         pred = to_target_frame(pred, tuple(target.shape[-2:]), pad).double()
@@ -264,11 +284,20 @@ class AlbedoMetric(_Pooled):
         sq_err = (pred - target).square().mean(1)[mask]
         ssim_sum, ssim_count = self._ssim(pred, target, mask)
         grad_sum, grad_count = self._grad(pred, target, mask)
-        stats = [float(abs_err.numel()), abs_err.sum().item(), sq_err.sum().item(), ssim_sum, ssim_count,
-                 grad_sum, grad_count]  # fmt: skip
+        stats = [
+            float(abs_err.numel()),
+            abs_err.sum().item(),
+            sq_err.sum().item(),
+            ssim_sum,
+            ssim_count,
+            grad_sum,
+            grad_count,
+        ]
         self.sums += torch.tensor(stats, dtype=torch.float64)
 
-    def _ssim(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    def _ssim(
+        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[float, float]:
         window = _gaussian_window().to(pred.device)[None, None]  # [1, 1, 11, 11]
         m = mask[:, None].double()
         r = self.data_range or 1.0
@@ -293,7 +322,11 @@ class AlbedoMetric(_Pooled):
     @staticmethod
     def _grad(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
         dx = ((pred[..., 1:] - pred[..., :-1]) - (target[..., 1:] - target[..., :-1])).abs().mean(1)
-        dy = ((pred[..., 1:, :] - pred[..., :-1, :]) - (target[..., 1:, :] - target[..., :-1, :])).abs().mean(1)
+        dy = (
+            ((pred[..., 1:, :] - pred[..., :-1, :]) - (target[..., 1:, :] - target[..., :-1, :]))
+            .abs()
+            .mean(1)
+        )
         mx = mask[..., 1:] & mask[..., :-1]
         my = mask[..., 1:, :] & mask[..., :-1, :]
         return (dx[mx].sum() + dy[my].sum()).item(), float(mx.sum().item() + my.sum().item())

@@ -28,7 +28,9 @@ from sapiens2_cli.train.config import OptimConfig, ScheduleConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "layer_depth", "lr_factor", "param_groups"]
 
-_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
+_WRAPPERS = re.compile(
+    r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\."
+)
 _EMBEDDINGS = ("cls_token", "mask_token", "pos_embed", "storage_tokens")
 _BLOCK = re.compile(r"^(?:blocks|layers)\.(\d+)\.")
 
@@ -103,7 +105,7 @@ def param_groups(
 def build_optimizer(
     model: torch.nn.Module, cfg: OptimConfig, *, num_layers: int, fused: bool | None = None
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` of ``model`` (``fused`` None = on when all params are CUDA)."""
+    """AdamW over :func:`param_groups` of ``model``; ``fused`` None = on when all are CUDA."""
     groups = param_groups(
         model.named_parameters(),
         lr=cfg.lr,

@@ -31,14 +31,22 @@ __all__ = [
     "solarize",
 ]
 
-_INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_LANCZOS4)
+_INTERPOLATIONS = (
+    cv2.INTER_NEAREST,
+    cv2.INTER_LINEAR,
+    cv2.INTER_CUBIC,
+    cv2.INTER_AREA,
+    cv2.INTER_LANCZOS4,
+)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def photometric_distortion(image: np.ndarray, rng: np.random.Generator, cfg: Photometric) -> np.ndarray:
+def photometric_distortion(
+    image: np.ndarray, rng: np.random.Generator, cfg: Photometric
+) -> np.ndarray:
     """Brightness, contrast (before or after the colour ops), saturation and hue jitter.
 
     With probability ``cfg.p`` the op runs; inside, each of the four sub-ops runs with
@@ -87,7 +95,9 @@ def gaussian_noise(image: np.ndarray, rng: np.random.Generator, cfg: GaussianNoi
     if rng.random() >= cfg.p:
         return image
     std = np.sqrt(rng.uniform(*cfg.variance))
-    return _to_uint8(image.astype(np.float32) + rng.normal(0.0, std, image.shape).astype(np.float32))
+    return _to_uint8(
+        image.astype(np.float32) + rng.normal(0.0, std, image.shape).astype(np.float32)
+    )
 
 
 def solarize(image: np.ndarray, rng: np.random.Generator, cfg: Solarize) -> np.ndarray:

@@ -55,7 +55,10 @@ def _valid_fraction_ok(mask: np.ndarray, min_pixels: int, max_fraction: float) -
 
 # --------------------------------------------------------------------------- segmentation
 def random_background(
-    sample: DenseSample, rng: np.random.Generator, cfg: RandomBackground, backgrounds: Sequence[Path]
+    sample: DenseSample,
+    rng: np.random.Generator,
+    cfg: RandomBackground,
+    backgrounds: Sequence[Path],
 ) -> DenseSample:
     """With probability ``p`` replace label-0 pixels by a random background image.
 
@@ -141,7 +144,9 @@ def normal_train(
     sample = replace(sample, image=photo.gaussian_blur(sample.image, rng, cfg.blur))
     sample = replace(sample, image=photo.gaussian_noise(sample.image, rng, cfg.noise))
     sample = replace(sample, image=photo.solarize(sample.image, rng, cfg.solarize))
-    if not _valid_fraction_ok(sample.maps["mask"] > 0, cfg.min_valid_pixels, cfg.max_valid_fraction):
+    if not _valid_fraction_ok(
+        sample.maps["mask"] > 0, cfg.min_valid_pixels, cfg.max_valid_fraction
+    ):
         return None
     return sample
 
@@ -199,7 +204,10 @@ def pointmap_val(sample: DenseSample, size: tuple[int, int]) -> DenseSample:
 
 def _pointmap_filter(sample: DenseSample, cfg: PointmapAugment) -> DenseSample | None:
     points, valid, _, _ = pointmap_target(
-        sample.maps["depth"], sample.maps["mask"], sample.intrinsics, canonical_focal=cfg.canonical_focal
+        sample.maps["depth"],
+        sample.maps["mask"],
+        sample.intrinsics,
+        canonical_focal=cfg.canonical_focal,
     )
     if not _valid_fraction_ok(valid, cfg.min_valid_pixels, cfg.max_valid_fraction):
         return None
@@ -218,6 +226,8 @@ def albedo_train(
     sample = horizontal_flip(sample, rng, cfg.flip)
     sample = resize_pad(sample, size)
     sample = replace(sample, image=photo.gaussian_noise(sample.image, rng, cfg.noise))
-    if not _valid_fraction_ok(sample.maps["mask"] > 0, cfg.min_valid_pixels, cfg.max_valid_fraction):
+    if not _valid_fraction_ok(
+        sample.maps["mask"] > 0, cfg.min_valid_pixels, cfg.max_valid_fraction
+    ):
         return None
     return sample

@@ -8,7 +8,8 @@ pre-canonicalisation intrinsics at network resolution, ``N`` the number of valid
 
     l1          = min(w * (1/N) sum_valid sum_xyz |P~/D - P/D|, clamp)
     multiscale  = the same after bilinear x2 upsampling of P~/D and P/D (mask nearest)
-    silog       = mean_b sqrt(mean_b(d^2) - 0.5 * mean_b(d)^2), d = log max(Z, 1e-4) - log max(Z~, 1e-4)
+    silog       = mean_b sqrt(mean_b(d^2) - 0.5 * mean_b(d)^2),
+                  d = log max(Z, 1e-4) - log max(Z~, 1e-4)
                   over the valid pixels of sample b (samples without any are skipped)
     intrinsics  = (1/N) sum_valid |X~ - (u - c_x) Z~ / f_x| + |Y~ - (v - c_y) Z~ / f_y|
                   (u, v = column, row index); canonical scaling is isotropic, so K applies
@@ -130,7 +131,9 @@ def pointmap_loss(
     ).abs().mean(1, keepdim=True)
     terms["loss_normal"] = cfg.normal_weight * _masked_mean(per_pixel, normal_mask)
 
-    terms["loss_scale"] = cfg.scale_weight * (pred_scale.float().reshape(b) - scale.float().reshape(b)).abs().mean()
+    terms["loss_scale"] = (
+        cfg.scale_weight * (pred_scale.float().reshape(b) - scale.float().reshape(b)).abs().mean()
+    )
 
     terms = {name: _finite(value) for name, value in terms.items()}
     terms["loss"] = sum(terms.values())

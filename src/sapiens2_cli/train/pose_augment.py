@@ -22,7 +22,15 @@ from sapiens2_cli.train import photometric as photo
 from sapiens2_cli.train.keypoints import KeypointSet
 from sapiens2_cli.train.task_config import PoseAugment
 
-__all__ = ["box_to_center_size", "fix_aspect", "pose_train", "pose_val", "truncated_normal", "udp_warp_matrix", "warp_crop"]
+__all__ = [
+    "box_to_center_size",
+    "fix_aspect",
+    "pose_train",
+    "pose_val",
+    "truncated_normal",
+    "udp_warp_matrix",
+    "warp_crop",
+]
 
 
 def box_to_center_size(box_xyxy: np.ndarray, padding: float) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +50,9 @@ def fix_aspect(size: np.ndarray, aspect: float) -> np.ndarray:
     return np.array([h * aspect, h], dtype=np.float32)
 
 
-def udp_warp_matrix(center: np.ndarray, box_size: np.ndarray, rotation: float, output_wh: tuple[int, int]) -> np.ndarray:
+def udp_warp_matrix(
+    center: np.ndarray, box_size: np.ndarray, rotation: float, output_wh: tuple[int, int]
+) -> np.ndarray:
     """``[2, 3]`` float32 affine matrix image -> crop (module docstring); rotation in degrees."""
     out_w, out_h = output_wh
     ax = np.float32(out_w - 1) / np.float32(box_size[0])
@@ -50,7 +60,9 @@ def udp_warp_matrix(center: np.ndarray, box_size: np.ndarray, rotation: float, o
     theta = math.radians(rotation)
     cos, sin = np.float32(math.cos(theta)), np.float32(math.sin(theta))
     linear = np.array([[ax * cos, ax * sin], [-ay * sin, ay * cos]], dtype=np.float32)
-    offset = np.array([(out_w - 1) / 2, (out_h - 1) / 2], dtype=np.float32) - linear @ np.asarray(center, np.float32)
+    offset = np.array([(out_w - 1) / 2, (out_h - 1) / 2], dtype=np.float32) - linear @ np.asarray(
+        center, np.float32
+    )
     return np.concatenate([linear, offset[:, None]], axis=1).astype(np.float32)
 
 
@@ -59,7 +71,9 @@ def warp_crop(image: np.ndarray, matrix: np.ndarray, output_wh: tuple[int, int])
     INTER_CUBIC when it enlarges; border 0."""
     scale = min(np.hypot(matrix[0, 0], matrix[0, 1]), np.hypot(matrix[1, 0], matrix[1, 1]))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    return cv2.warpAffine(image, matrix, output_wh, flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(
+        image, matrix, output_wh, flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
 
 
 def truncated_normal(rng: np.random.Generator, size: int | None = None) -> np.ndarray | float:
@@ -75,7 +89,9 @@ def truncated_normal(rng: np.random.Generator, size: int | None = None) -> np.nd
     return float(out[0]) if size is None else out
 
 
-def _visible_box(keypoints: np.ndarray, visible: np.ndarray, image_wh: tuple[int, int]) -> np.ndarray:
+def _visible_box(
+    keypoints: np.ndarray, visible: np.ndarray, image_wh: tuple[int, int]
+) -> np.ndarray:
     w, h = image_wh
     if not visible.any():
         return np.array([0, 0, w - 1, h - 1], dtype=np.float32)
@@ -152,15 +168,24 @@ def pose_train(
 
     jitter = cfg.box_jitter
     if rng.random() < jitter.shift_p:
-        center = center + truncated_normal(rng, 2).astype(np.float32) * np.float32(jitter.shift) * size
+        center = (
+            center + truncated_normal(rng, 2).astype(np.float32) * np.float32(jitter.shift) * size
+        )
     size = size * np.float32(1 + jitter.scale * truncated_normal(rng))
-    rotation = jitter.rotate_degrees * truncated_normal(rng) if rng.random() < jitter.rotate_p else 0.0
+    rotation = (
+        jitter.rotate_degrees * truncated_normal(rng) if rng.random() < jitter.rotate_p else 0.0
+    )
 
     size = fix_aspect(size, aspect)
     matrix = udp_warp_matrix(center, size, rotation, (out_w, out_h))
     crop = warp_crop(np.ascontiguousarray(image), matrix, (out_w, out_h))
     keypoints = keypoints @ matrix[:, :2].T + matrix[:, 2]
-    inside = (keypoints[:, 0] >= 0) & (keypoints[:, 0] < out_w) & (keypoints[:, 1] >= 0) & (keypoints[:, 1] < out_h)
+    inside = (
+        (keypoints[:, 0] >= 0)
+        & (keypoints[:, 0] < out_w)
+        & (keypoints[:, 1] >= 0)
+        & (keypoints[:, 1] < out_h)
+    )
     visible = visible * inside
     keypoints[visible == 0] = 0
 

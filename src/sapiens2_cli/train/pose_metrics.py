@@ -32,7 +32,11 @@ RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
 def oks_matrix(
-    pred: np.ndarray, gt: np.ndarray, gt_visible: np.ndarray, gt_area: np.ndarray, sigmas: np.ndarray
+    pred: np.ndarray,
+    gt: np.ndarray,
+    gt_visible: np.ndarray,
+    gt_area: np.ndarray,
+    sigmas: np.ndarray,
 ) -> np.ndarray:
     """OKS of every prediction against every ground truth.
 
@@ -52,7 +56,9 @@ def oks_matrix(
     return np.where(count > 0, (np.exp(-e) * vis).sum(-1) / np.maximum(count, 1), 0.0)
 
 
-def instance_score(keypoint_scores: np.ndarray, bbox_score: float = 1.0, threshold: float = 0.2) -> float:
+def instance_score(
+    keypoint_scores: np.ndarray, bbox_score: float = 1.0, threshold: float = 0.2
+) -> float:
     """``bbox_score`` times the mean of the keypoint scores above ``threshold`` (0 if none)."""
     scores = np.asarray(keypoint_scores, dtype=np.float64)
     passing = scores[scores > threshold]
@@ -65,7 +71,9 @@ def _extent_area(keypoints: np.ndarray) -> np.ndarray:
     return span[:, 0] * span[:, 1]
 
 
-def oks_nms(keypoints: np.ndarray, scores: np.ndarray, sigmas: np.ndarray, threshold: float) -> list[int]:
+def oks_nms(
+    keypoints: np.ndarray, scores: np.ndarray, sigmas: np.ndarray, threshold: float
+) -> list[int]:
     """Indices kept by greedy OKS-NMS (all keypoints counted, area = mean of both extents)."""
     order = list(np.argsort(-np.asarray(scores), kind="stable"))
     areas = _extent_area(keypoints)
@@ -115,7 +123,9 @@ class PoseAPMetric:
         self.nms_threshold = nms_threshold
         self.images: dict[int, _Image] = {}
 
-    def add_ground_truth(self, image_id: int, keypoints: np.ndarray, *, area: float, iscrowd: bool = False) -> None:
+    def add_ground_truth(
+        self, image_id: int, keypoints: np.ndarray, *, area: float, iscrowd: bool = False
+    ) -> None:
         """``keypoints`` ``[K, 3]`` (x, y, visibility) in image pixels; ``area`` in px^2."""
         kp = np.asarray(keypoints, dtype=np.float64).reshape(len(self.sigmas), 3)
         image = self.images.setdefault(int(image_id), _Image())
@@ -125,13 +135,20 @@ class PoseAPMetric:
         image.gt_crowd.append(bool(iscrowd))
 
     def add_prediction(
-        self, image_id: int, keypoints: np.ndarray, keypoint_scores: np.ndarray, *,
-        bbox_score: float = 1.0, score: float | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        image_id: int,
+        keypoints: np.ndarray,
+        keypoint_scores: np.ndarray,
+        *,
+        bbox_score: float = 1.0,
+        score: float | None = None,
+    ) -> None:
         """``keypoints`` ``[K, 2]`` in image pixels; ``score`` None = :func:`instance_score`."""
         image = self.images.setdefault(int(image_id), _Image())
         image.dt_xy.append(np.asarray(keypoints, dtype=np.float64).reshape(len(self.sigmas), 2))
-        image.dt_score.append(instance_score(keypoint_scores, bbox_score) if score is None else float(score))
+        image.dt_score.append(
+            instance_score(keypoint_scores, bbox_score) if score is None else float(score)
+        )
 
     def merge(self, other: PoseAPMetric) -> None:
         for image_id, theirs in other.images.items():
@@ -181,7 +198,9 @@ class PoseAPMetric:
         gt_base_ignore = gt_crowd | ((gt_vis > 0).sum(1) == 0)
         return dt_score, dt_area, gt_area, gt_crowd, gt_base_ignore, ious
 
-    def _accumulate(self, per_image: list[tuple], area_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    def _accumulate(
+        self, per_image: list[tuple], area_range: tuple[float, float]
+    ) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = area_range
         scores, matched, ignored = [], [], []
         num_gt = 0

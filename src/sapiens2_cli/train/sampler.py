@@ -28,12 +28,20 @@ class InfiniteSampler(torch.utils.data.Sampler):
             rank's draw number ``start``.
     """
 
-    def __init__(self, length: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+    def __init__(
+        self, length: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
+    ) -> None:
         if length <= 0:
             raise ValueError("cannot sample from an empty dataset")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
-        self.length, self.seed, self.rank, self.world_size, self.start = length, seed, rank, world_size, start
+        self.length, self.seed, self.rank, self.world_size, self.start = (
+            length,
+            seed,
+            rank,
+            world_size,
+            start,
+        )
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.length)

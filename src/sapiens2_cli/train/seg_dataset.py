@@ -27,7 +27,14 @@ import torch
 from sapiens2_cli.train import pipelines
 from sapiens2_cli.train.augment import DenseSample
 from sapiens2_cli.train.datasets import to_model_input
-from sapiens2_cli.train.files import DataError, find_target, list_images, read_image, read_label, require_targets
+from sapiens2_cli.train.files import (
+    DataError,
+    find_target,
+    list_images,
+    read_image,
+    read_label,
+    require_targets,
+)
 from sapiens2_cli.train.task_config import SegAugment
 
 __all__ = ["SegClasses", "SegFolder"]
@@ -51,7 +58,9 @@ class SegClasses:
     @classmethod
     def load(cls, path: Path | None = None) -> SegClasses:
         """The taxonomy, changed by the class-map JSON at ``path`` (None = unchanged)."""
-        taxonomy = json.loads(resources.files("sapiens2_cli.data").joinpath("seg29_classes.json").read_text())
+        taxonomy = json.loads(
+            resources.files("sapiens2_cli.data").joinpath("seg29_classes.json").read_text()
+        )
         names = tuple(c["name"] for c in taxonomy["classes"])
         weights = tuple(float(c["ce_class_weight"]) for c in taxonomy["classes"])
         pairs = [tuple(p) for p in taxonomy["flip_swap_pairs"]]
@@ -63,7 +72,10 @@ class SegClasses:
                 raise DataError(f"{path}: cannot read the class map ({err})") from err
             unknown = set(spec) - {"remap", "classes", "flip_pairs"}
             if not isinstance(spec, dict) or unknown:
-                raise DataError(f"{path}: class map keys must be remap, classes, flip_pairs; got {sorted(unknown)}")
+                raise DataError(
+                    f"{path}: class map keys must be remap, classes, flip_pairs; "
+                    f"got {sorted(unknown)}"
+                )
             if "classes" in spec:
                 names = tuple(str(n) for n in spec["classes"])
                 weights = (1.0,) * len(names)
@@ -83,7 +95,9 @@ class SegClasses:
             for source, target in spec["remap"].items():
                 src = int(source)
                 if not 0 <= src < 256 or (target is not None and not 0 <= int(target) < len(names)):
-                    raise DataError(f"{path}: remap {source} -> {target} outside 0-255 -> 0-{len(names) - 1}")
+                    raise DataError(
+                        f"{path}: remap {source} -> {target} outside 0-255 -> 0-{len(names) - 1}"
+                    )
                 remap[src] = IGNORE if target is None else int(target)
         return cls(names=names, weights=weights, flip_lut=flip, remap_lut=remap)
 
@@ -104,7 +118,12 @@ class SegFolder:
     validation, 255 = ignore), ``name``."""
 
     def __init__(
-        self, root: str | Path, *, augment: SegAugment, input_size: tuple[int, int], class_map: Path | None = None
+        self,
+        root: str | Path,
+        *,
+        augment: SegAugment,
+        input_size: tuple[int, int],
+        class_map: Path | None = None,
     ) -> None:
         self.root, self.augment, self.input_size = Path(root), augment, tuple(input_size)
         local = self.root / "classes.json"
@@ -134,7 +153,8 @@ class SegFolder:
             if bad.any():
                 raise DataError(
                     f"{label_path}: label value {int(label[bad][0])} is neither a class id "
-                    f"(0-{self.classes.num_classes - 1}) nor {IGNORE}; give a class map with a remap"
+                    f"(0-{self.classes.num_classes - 1}) nor {IGNORE}; "
+                    "give a class map with a remap"
                 )
         return DenseSample(image=image, maps={"label": label})
 
@@ -145,9 +165,13 @@ class SegFolder:
             if ((label != 0) & (label != IGNORE)).sum() < self.augment.min_foreground_pixels:
                 return None
             sample = pipelines.seg_train(
-                sample, rng, self.augment, self.input_size,
-                flip_lut=self.classes.flip_lut, backgrounds=self.backgrounds,
-            )  # fmt: skip
+                sample,
+                rng,
+                self.augment,
+                self.input_size,
+                flip_lut=self.classes.flip_lut,
+                backgrounds=self.backgrounds,
+            )
             if sample is None:
                 return None
         else:

@@ -20,7 +20,6 @@ import types
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-
 __all__ = ["ConfigError", "apply", "coerce", "known_keys", "to_plain"]
 
 
