@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
 import torch
+from train_folders import coco_folder, keypoints308
 
 from sapiens2_cli.train.config import resolve
 from sapiens2_cli.train.datasets import build_dataset
 from sapiens2_cli.train.files import DataError
 from sapiens2_cli.train.keypoints import KeypointSet
-from sapiens2_cli.train.pose_augment import box_to_center_size, fix_aspect, udp_warp_matrix
+from sapiens2_cli.train.pose_augment import (
+    box_to_center_size,
+    fix_aspect,
+    udp_warp_matrix,
+)
 from sapiens2_cli.train.pose_dataset import PoseCocoDataset
 
 H, W = 64, 48
@@ -29,49 +31,6 @@ ALL_OFF = [
     "augment.median_blur.p=0",
     "augment.coarse_dropout.p=0",
 ]
-
-
-def _keypoints308(rng: np.random.Generator, visible: int = 40) -> np.ndarray:
-    kp = np.zeros((308, 3))
-    kp[:visible, 0] = rng.uniform(20, 60, visible)
-    kp[:visible, 1] = rng.uniform(15, 80, visible)
-    kp[:visible, 2] = 2
-    return kp
-
-
-def _coco(
-    root: Path,
-    annotations: list[np.ndarray],
-    *,
-    category: dict | None = None,
-    key: str = "keypoints",
-) -> Path:
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    cv2.imwrite(str(root / "images" / "p.jpg"), rng.integers(0, 256, (96, 80, 3), dtype=np.uint8))
-    anns = []
-    for i, kp in enumerate(annotations):
-        pts = kp[kp[:, 2] > 0, :2]
-        x1, y1 = pts.min(0)
-        x2, y2 = pts.max(0)
-        anns.append(
-            {
-                "id": i + 1,
-                "image_id": 1,
-                "category_id": 1,
-                key: kp.ravel().tolist(),
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "area": float((x2 - x1) * (y2 - y1)),
-                "iscrowd": 0,
-            }
-        )
-    data = {
-        "images": [{"id": 1, "file_name": "p.jpg"}],
-        "annotations": anns,
-        "categories": [category or {"id": 1, "name": "person"}],
-    }
-    (root / "annotations.json").write_text(json.dumps(data))
-    return root
 
 
 def test_keypoint_sets():
@@ -91,8 +50,8 @@ def test_keypoint_sets():
 
 
 def test_train_crop_matches_the_udp_geometry(tmp_path):
-    kp = _keypoints308(np.random.default_rng(1))
-    root = _coco(tmp_path / "pose", [kp])
+    kp = keypoints308(np.random.default_rng(1))
+    root = coco_folder(tmp_path / "pose", [kp])
     cfg = resolve("pose/tiny", ALL_OFF)
     dataset = PoseCocoDataset(root, augment=cfg.augment, input_size=(H, W))
     out = dataset.sample(0, np.random.default_rng(0), train=True)
@@ -112,7 +71,7 @@ def test_train_crop_matches_the_udp_geometry(tmp_path):
 
 
 def test_flip_mirrors_heatmaps_and_swaps_partners(tmp_path):
-    root = _coco(tmp_path / "pose", [_keypoints308(np.random.default_rng(2))])
+    root = coco_folder(tmp_path / "pose", [keypoints308(np.random.default_rng(2))])
     plain = PoseCocoDataset(root, augment=resolve("pose/tiny", ALL_OFF).augment, input_size=(H, W))
     flip = PoseCocoDataset(
         root,
@@ -129,7 +88,7 @@ def test_flip_mirrors_heatmaps_and_swaps_partners(tmp_path):
 
 
 def test_augmented_samples_are_deterministic(tmp_path):
-    root = _coco(tmp_path / "pose", [_keypoints308(np.random.default_rng(3))])
+    root = coco_folder(tmp_path / "pose", [keypoints308(np.random.default_rng(3))])
     cfg = resolve("pose/tiny", [f"data.train={root}", "augment.min_visible_after=0"])
     dataset = build_dataset(cfg, split="train")
     a, b, c = dataset[(0, 11)], dataset[(0, 11)], dataset[(0, 12)]
@@ -141,15 +100,15 @@ def test_load_filters_and_344_layout(tmp_path):
     few = np.zeros((308, 3))
     few[:5] = [[30, 30, 2]] * 5  # 5 visible < min_visible 8
     kp344 = np.zeros((344, 3))
-    kp308 = _keypoints308(np.random.default_rng(4))
+    kp308 = keypoints308(np.random.default_rng(4))
     original = [i if i < 220 else i + 36 for i in range(308)]
     kp344[original] = kp308
     kp344[230] = [1, 1, 2]  # a teeth point: dropped
-    root = _coco(tmp_path / "pose", [few, kp344], key="goliath_wholebody_kpts")
+    root = coco_folder(tmp_path / "pose", [few, kp344], key="goliath_wholebody_kpts")
     dataset = PoseCocoDataset(root, augment=resolve("pose/tiny").augment, input_size=(H, W))
     assert np.array_equal(dataset.instances[1]["keypoints"], kp308)
     assert dataset.sample(0, np.random.default_rng(0), train=True) is None
-    grey = _coco(tmp_path / "grey", [kp308])
+    grey = coco_folder(tmp_path / "grey", [kp308])
     cv2.imwrite(str(grey / "images" / "p.jpg"), np.full((96, 80, 3), 128, np.uint8))
     assert (
         PoseCocoDataset(grey, augment=resolve("pose/tiny").augment, input_size=(H, W)).sample(
@@ -160,8 +119,8 @@ def test_load_filters_and_344_layout(tmp_path):
 
 
 def test_validation_samples_and_perfect_ap(tmp_path):
-    kps = [_keypoints308(np.random.default_rng(s)) for s in (5, 6)]
-    root = _coco(tmp_path / "pose", kps)
+    kps = [keypoints308(np.random.default_rng(s)) for s in (5, 6)]
+    root = coco_folder(tmp_path / "pose", kps)
     cfg = resolve("pose/tiny", [f"data.val={root}"])
     dataset = build_dataset(cfg, split="val")
     sample = dataset[1]
@@ -180,10 +139,10 @@ def test_validation_samples_and_perfect_ap(tmp_path):
 def test_pose_file_errors(tmp_path):
     with pytest.raises(DataError, match="annotations.json: annotation file does not exist"):
         PoseCocoDataset(tmp_path, augment=resolve("pose/tiny").augment, input_size=(H, W))
-    root = _coco(tmp_path / "a", [_keypoints308(np.random.default_rng(0))])
+    root = coco_folder(tmp_path / "a", [keypoints308(np.random.default_rng(0))])
     (root / "images" / "p.jpg").unlink()
     with pytest.raises(DataError, match="1 listed images do not exist"):
         PoseCocoDataset(root, augment=resolve("pose/tiny").augment, input_size=(H, W))
-    root = _coco(tmp_path / "b", [np.ones((17, 3))])
+    root = coco_folder(tmp_path / "b", [np.ones((17, 3))])
     with pytest.raises(DataError, match="annotation 1 has 17 keypoints, the category has 308"):
         PoseCocoDataset(root, augment=resolve("pose/tiny").augment, input_size=(H, W))

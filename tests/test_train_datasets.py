@@ -11,10 +11,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from train_folders import dense_folder, image, person_label, seg_folder
 
-from sapiens2_cli.exr import write_exr
 from sapiens2_cli.train.config import resolve
-from sapiens2_cli.train.datasets import DenseFolder, Mixture, build_dataset, collate, to_model_input
+from sapiens2_cli.train.datasets import (
+    DenseFolder,
+    Mixture,
+    build_dataset,
+    collate,
+    to_model_input,
+)
 from sapiens2_cli.train.files import DataError, read_label
 from sapiens2_cli.train.sampler import InfiniteSampler
 from sapiens2_cli.train.seg_dataset import SegFolder
@@ -39,37 +45,14 @@ NORMAL_OFF = [
 ]
 
 
-def _image(rng: np.random.Generator, h: int = H, w: int = W) -> np.ndarray:
-    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _seg_folder(root: Path, labels: list[np.ndarray], seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for i, label in enumerate(labels):
-        cv2.imwrite(str(root / "images" / f"im{i}.png"), _image(rng, *label.shape))
-        cv2.imwrite(str(root / "labels" / f"im{i}.png"), label)
-    return root
-
-
-def _person_label(h: int = H, w: int = W) -> np.ndarray:
-    label = np.zeros((h, w), np.uint8)
-    label[10:50, 5:20] = 5  # left foot
-    label[10:50, 20:30] = 3
-    label[10:50, 30:40] = 14  # right foot
-    label[55:60, :] = 255
-    return label
-
-
 # --------------------------------------------------------------------------- seg
 def test_seg_flip_mirrors_and_swaps_classes(tmp_path):
-    root = _seg_folder(tmp_path / "seg", [_person_label()])
+    root = seg_folder(tmp_path / "seg", [person_label()])
     cfg = resolve("seg/tiny", [*SEG_OFF, "augment.flip.p=1"])
     folder = SegFolder(root, augment=cfg.augment, input_size=(H, W))
     out = folder.sample(0, np.random.default_rng(0), train=True)
     image = cv2.imread(str(root / "images" / "im0.png"))
-    flipped = _person_label()[:, ::-1]
+    flipped = person_label()[:, ::-1]
     expected = flipped.copy()
     expected[flipped == 5] = 14  # left foot <-> right foot
     expected[flipped == 14] = 5
@@ -78,9 +61,9 @@ def test_seg_flip_mirrors_and_swaps_classes(tmp_path):
     assert out["name"] == "im0"
 
 
-def test_seg_val_keeps_label_resolution_and_normalises_image(tmp_path):
-    label = _person_label(40, 30)
-    root = _seg_folder(tmp_path / "seg", [label])
+def test_seg_val_keeps_label_resolution_and_normalisesimage(tmp_path):
+    label = person_label(40, 30)
+    root = seg_folder(tmp_path / "seg", [label])
     image = np.zeros((40, 30, 3), np.uint8)
     image[...] = (10, 20, 30)  # BGR
     cv2.imwrite(str(root / "images" / "im0.png"), image)
@@ -95,7 +78,7 @@ def test_seg_val_keeps_label_resolution_and_normalises_image(tmp_path):
 
 
 def test_seg_training_samples_are_deterministic_per_draw(tmp_path):
-    root = _seg_folder(tmp_path / "seg", [_person_label(), _person_label(80, 60)])
+    root = seg_folder(tmp_path / "seg", [person_label(), person_label(80, 60)])
     cfg = resolve("seg/tiny", [f"data.train={root}"])
     dataset = build_dataset(cfg, split="train")
     first, again, other = dataset[(1, 7)], dataset[(1, 7)], dataset[(1, 8)]
@@ -109,31 +92,31 @@ def test_seg_training_samples_are_deterministic_per_draw(tmp_path):
 
 def test_rejected_samples_are_redrawn(tmp_path):
     empty = np.zeros((H, W), np.uint8)  # no foreground: rejected at load
-    root = _seg_folder(tmp_path / "seg", [empty, _person_label(), empty])
+    root = seg_folder(tmp_path / "seg", [empty, person_label(), empty])
     cfg = resolve("seg/tiny", [f"data.train={root}"])
     dataset = build_dataset(cfg, split="train")
     assert {dataset[(i % 3, i)]["name"] for i in range(6)} == {"im1"}
-    only_empty = _seg_folder(tmp_path / "empty", [empty])
+    only_empty = seg_folder(tmp_path / "empty", [empty])
     cfg = resolve("seg/tiny", [f"data.train={only_empty}", "data.max_retries=5"])
     with pytest.raises(DataError, match="no sample passed the recipe's filters in 5 redraws"):
         build_dataset(cfg, split="train")[(0, 0)]
 
 
 def test_seg_file_errors_name_the_file(tmp_path):
-    root = _seg_folder(tmp_path / "a", [_person_label()])
+    root = seg_folder(tmp_path / "a", [person_label()])
     (root / "labels" / "im0.png").unlink()
     with pytest.raises(DataError, match=r"labels: no file for 1 of 1 images \(im0\)"):
         SegFolder(root, augment=resolve("seg/tiny").augment, input_size=(H, W))
-    root = _seg_folder(tmp_path / "b", [_person_label()])
+    root = seg_folder(tmp_path / "b", [person_label()])
     cv2.imwrite(str(root / "labels" / "im0.png"), np.zeros((10, 10), np.uint8))
     folder = SegFolder(root, augment=resolve("seg/tiny").augment, input_size=(H, W))
     with pytest.raises(
         DataError, match=r"im0.png: size 10x10 differs from image im0.png \(48x64\)"
     ):
         folder.sample(0, np.random.default_rng(0), train=False)
-    bad = _person_label()
+    bad = person_label()
     bad[0, 0] = 40
-    root = _seg_folder(tmp_path / "c", [bad])
+    root = seg_folder(tmp_path / "c", [bad])
     folder = SegFolder(root, augment=resolve("seg/tiny").augment, input_size=(H, W))
     with pytest.raises(DataError, match="label value 40 is neither a class id"):
         folder.sample(0, np.random.default_rng(0), train=False)
@@ -145,7 +128,7 @@ def test_seg_file_errors_name_the_file(tmp_path):
 def test_class_map_remaps_and_custom_classes(tmp_path):
     label = np.full((H, W), 7, np.uint8)
     label[:, :10] = 40
-    root = _seg_folder(tmp_path / "seg", [label])
+    root = seg_folder(tmp_path / "seg", [label])
     (root / "classes.json").write_text(
         json.dumps(
             {
@@ -193,36 +176,6 @@ def test_indexed_png_labels_read_as_indices(tmp_path):
 
 
 # --------------------------------------------------------------------------- dense tasks
-def _dense_folder(
-    root: Path,
-    task: str,
-    target: np.ndarray,
-    *,
-    mask: np.ndarray | None = None,
-    ext: str = ".exr",
-    k: dict | None = None,
-) -> Path:
-    folder = {"normal": "normals", "albedo": "albedo", "pointmap": "pointmaps"}[task]
-    for sub in ("images", folder):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(root / "images" / "a.jpg"), _image(np.random.default_rng(3), *target.shape[:2]))
-    if ext == ".exr":
-        write_exr(
-            root / folder / "a.exr",
-            target,
-            ["X", "Y", "Z"][: (target.shape[2] if target.ndim == 3 else 1)],
-        )
-    elif ext == ".npy":
-        np.save(root / folder / "a.npy", target)
-    else:
-        cv2.imwrite(str(root / folder / f"a{ext}"), target)
-    if mask is not None:
-        (root / "masks").mkdir(exist_ok=True)
-        cv2.imwrite(str(root / "masks" / "a.png"), mask.astype(np.uint8) * 255)
-    if k is not None:
-        (root / "intrinsics").mkdir(exist_ok=True)
-        (root / "intrinsics" / "a.json").write_text(json.dumps(k))
-    return root
 
 
 def _normals(h: int = H, w: int = W) -> np.ndarray:
@@ -234,7 +187,7 @@ def test_normal_flip_negates_x(tmp_path):
     mask = np.zeros((H, W), bool)
     mask[5:60, 3:30] = True
     n = _normals()
-    root = _dense_folder(tmp_path / "n", "normal", n, mask=mask)
+    root = dense_folder(tmp_path / "n", "normal", n, mask=mask)
     cfg = resolve("normal/tiny", [*NORMAL_OFF, "augment.flip.p=1"])
     folder = DenseFolder(root, task="normal", augment=cfg.augment, input_size=(H, W))
     out = folder.sample(0, np.random.default_rng(0), train=True)
@@ -249,7 +202,7 @@ def test_normal_flip_negates_x(tmp_path):
 def test_normal_val_pads_image_and_keeps_native_targets(tmp_path):
     n = _normals(40, 24) * 2.5  # not unit length: renormalised at load
     n[0, 0] = np.nan
-    root = _dense_folder(tmp_path / "n", "normal", n, ext=".npy")
+    root = dense_folder(tmp_path / "n", "normal", n, ext=".npy")
     folder = DenseFolder(
         root, task="normal", augment=resolve("normal/tiny").augment, input_size=(H, W)
     )
@@ -272,7 +225,7 @@ def test_pointmap_targets_are_canonical_and_follow_the_flip(tmp_path):
     depth = (2.0 + 0.01 * u + 0.02 * v).astype(np.float32)
     mask = np.ones((H, W), bool)
     mask[:8] = False
-    root = _dense_folder(tmp_path / "p", "pointmap", depth, mask=mask, k=k)
+    root = dense_folder(tmp_path / "p", "pointmap", depth, mask=mask, k=k)
     cfg = resolve("pointmap/tiny", [*DENSE_OFF, "augment.photometric.p=0"])
     folder = DenseFolder(root, task="pointmap", augment=cfg.augment, input_size=(H, W))
     out = folder.sample(0, np.random.default_rng(0), train=False)
@@ -293,7 +246,7 @@ def test_pointmap_targets_are_canonical_and_follow_the_flip(tmp_path):
     )
     assert flipped["intrinsics"][0, 2].item() == pytest.approx(W - 1 - 23.5)
     xyz = np.stack([u, v, depth], -1).astype(np.float32)  # a stored H x W x 3 map: Z is used
-    root3 = _dense_folder(tmp_path / "p3", "pointmap", xyz, mask=mask, k=k)
+    root3 = dense_folder(tmp_path / "p3", "pointmap", xyz, mask=mask, k=k)
     again = DenseFolder(root3, task="pointmap", augment=cfg.augment, input_size=(H, W)).sample(
         0, np.random.default_rng(0), train=False
     )
@@ -303,7 +256,7 @@ def test_pointmap_targets_are_canonical_and_follow_the_flip(tmp_path):
 def test_albedo_png_exr_and_rejection(tmp_path):
     rng = np.random.default_rng(2)
     albedo_bgr = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
-    root = _dense_folder(tmp_path / "a", "albedo", albedo_bgr, ext=".png")
+    root = dense_folder(tmp_path / "a", "albedo", albedo_bgr, ext=".png")
     folder = DenseFolder(
         root, task="albedo", augment=resolve("albedo/tiny").augment, input_size=(H, W)
     )
@@ -313,7 +266,7 @@ def test_albedo_png_exr_and_rejection(tmp_path):
     )
     linear = np.full((H, W, 3), 0.5, np.float32)
     linear[0, 0] = 0.001
-    root = _dense_folder(tmp_path / "b", "albedo", linear)
+    root = dense_folder(tmp_path / "b", "albedo", linear)
     folder = DenseFolder(
         root, task="albedo", augment=resolve("albedo/tiny").augment, input_size=(H, W)
     )
@@ -326,13 +279,13 @@ def test_albedo_png_exr_and_rejection(tmp_path):
 
 
 def test_dense_folder_errors(tmp_path):
-    root = _dense_folder(tmp_path / "n", "normal", _normals(32, 24))
+    root = dense_folder(tmp_path / "n", "normal", _normals(32, 24))
     with pytest.raises(DataError, match=r"a.exr: size 24x32 differs from image a.jpg \(48x64\)"):
-        cv2.imwrite(str(root / "images" / "a.jpg"), _image(np.random.default_rng(0)))
+        cv2.imwrite(str(root / "images" / "a.jpg"), image(np.random.default_rng(0)))
         DenseFolder(
             root, task="normal", augment=resolve("normal/tiny").augment, input_size=(H, W)
         ).load(0)
-    root = _dense_folder(tmp_path / "p", "pointmap", np.ones((H, W), np.float32))
+    root = dense_folder(tmp_path / "p", "pointmap", np.ones((H, W), np.float32))
     with pytest.raises(DataError, match=r"intrinsics: no file for 1 of 1 images \(a\)"):
         DenseFolder(
             root, task="pointmap", augment=resolve("pointmap/tiny").augment, input_size=(H, W)
@@ -396,3 +349,16 @@ def test_collate_stacks_equal_shapes_and_lists_the_rest():
         and isinstance(batch["label"], list)
         and batch["name"] == ["a", "b"]
     )
+
+
+def test_mixed_folders_must_share_their_classes(tmp_path):
+    a = seg_folder(tmp_path / "a", [person_label()])
+    b = seg_folder(tmp_path / "b", [person_label()])
+    (b / "classes.json").write_text(json.dumps({"classes": ["bg", "person"]}))
+    cfg = resolve("seg/tiny", [f"data.train=[{a}, {a}, {b}]"])
+    with pytest.raises(DataError, match="b: its classes / keypoints differ from those of"):
+        build_dataset(cfg, split="train")
+    mix = build_dataset(
+        resolve("seg/tiny", [f"data.train=[{a}, {{path: {a}, repeat: 2}}]"]), split="train"
+    )
+    assert len(mix) == 3 and mix.folders[0].classes.num_classes == 29

@@ -109,5 +109,5 @@ def test_optimizer_and_scheduler_drive_group_lrs():
         scheduler.step()
     # depth scales r^3 (embeddings), r^2 (block 0), r (block 1), 1 (head); factors per step
     scales = (1 / 8, 1 / 4, 1 / 2, 1.0)
-    for got, factor in zip(lrs, (1e-3, 0.5005, 1.0, 0.5)):
+    for got, factor in zip(lrs, (1e-3, 0.5005, 1.0, 0.5), strict=True):
         assert sorted(set(got)) == pytest.approx(sorted(1e-3 * factor * s for s in scales))

@@ -264,6 +264,11 @@ class Mixture(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def folders(self) -> list[Any]:
+        """The folder datasets, in order (e.g. ``folders[0].classes``, ``.keypoint_set``)."""
+        return [dataset for dataset, _, _ in self.parts]
+
     def _locate(self, index: int, rng: np.random.Generator) -> tuple[Any, int]:
         part = int(np.searchsorted(self.offsets, index, side="right")) - 1
         dataset, _, k = self.parts[part]
@@ -331,6 +336,26 @@ def build_dataset(cfg: Any, *, split: Literal["train", "val"]) -> Mixture:
                 albedo_exr_linear=cfg.data.albedo_exr_linear,
             )
         parts.append((dataset, spec.repeat, spec.subsample))
+    _check_same_labels(parts)
     return Mixture(
         parts, seed=cfg.train.seed, train=split == "train", max_retries=cfg.data.max_retries
     )
+
+
+def _check_same_labels(parts: Sequence[tuple[Any, int, int]]) -> None:
+    """Every folder of a mixture must share the class list (seg) or keypoint names (pose)."""
+
+    def labels(dataset: Any) -> tuple[str, ...] | None:
+        if hasattr(dataset, "classes"):
+            return dataset.classes.names
+        if hasattr(dataset, "keypoint_set"):
+            return dataset.keypoint_set.names
+        return None
+
+    first = parts[0][0] if parts else None
+    for dataset, _, _ in parts[1:]:
+        if labels(dataset) != labels(first):
+            raise DataError(
+                f"{dataset.root}: its classes / keypoints differ from those of {first.root}; "
+                "every folder of a run must use the same label set"
+            )

@@ -61,7 +61,7 @@ def require_targets(
     folder: Path, images: list[Path], found: Sequence[Path | None], extensions: tuple[str, ...]
 ) -> None:
     """Raise naming the folder and the first images without a target file."""
-    missing = [img.stem for img, path in zip(images, found) if path is None]
+    missing = [img.stem for img, path in zip(images, found, strict=True) if path is None]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DataError(

@@ -81,7 +81,7 @@ def _angle_report(stats: torch.Tensor, prefix: str) -> dict[str, float]:
         f"{prefix}mean": stats[1].item() / count,
         f"{prefix}rmse": math.sqrt(stats[2].item() / count),
     }
-    for t, n in zip(ANGLE_THRESHOLDS, stats[3:7]):
+    for t, n in zip(ANGLE_THRESHOLDS, stats[3:7], strict=True):
         out[f"{prefix}pct_within_{t:g}"] = 100.0 * n.item() / count
     return out
 

@@ -88,7 +88,7 @@ def oks_nms(
         d2 = ((keypoints[rest] - keypoints[i]) ** 2).sum(-1)  # [R, K]
         area = (areas[rest] + areas[i])[:, None] / 2 + np.spacing(1)
         oks = np.exp(-d2 / var / area / 2).mean(-1)
-        order = [j for j, o in zip(order, oks) if o <= threshold]
+        order = [j for j, o in zip(order, oks, strict=True) if o <= threshold]
     return keep
 
 

@@ -99,7 +99,9 @@ def coerce(value: Any, hint: Any, path: str, current: Any = None) -> Any:
             raise ConfigError(
                 f"{_name(path)} expects {len(args)} values ({_describe(hint)}), got {_show(value)}"
             )
-        return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(
+            coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is dict:
         key_type, value_type = get_args(hint)
         if not isinstance(value, Mapping):
