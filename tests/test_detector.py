@@ -480,8 +480,13 @@ def test_bad_references(tmp_path: Path) -> None:
         load_detector(tmp_path / "missing.pth")
     with pytest.raises(DetectorWeightsError, match="cannot understand detector reference"):
         load_detector("not a reference!")
-    with pytest.raises(DetectorWeightsError, match="is not a file"):
+    with pytest.raises(DetectorWeightsError, match="is a folder without rtmdet_m.pth"):
         load_detector(tmp_path)
+
+
+def test_folder_reference(tmp_path: Path) -> None:
+    (tmp_path / "rtmdet_m.pth").symlink_to((CASE / "model.pth").resolve())
+    assert resolve_detector_file(tmp_path) == tmp_path / "rtmdet_m.pth"
 
 
 def test_fixture_checkpoint_container(checkpoint: dict, config: dict) -> None:

@@ -8,7 +8,8 @@ A reference is one of:
 * a local mmdet checkpoint (``.pth``, legacy or zip format), read with
   ``torch.load(weights_only=True)`` (never unpickling arbitrary objects), taking its
   ``["state_dict"]`` (a bare state dict is accepted too);
-* a local ``.safetensors`` file with the same 692 keys.
+* a local ``.safetensors`` file with the same 692 keys;
+* a local folder holding ``rtmdet_m.pth`` (e.g. ``$SAPIENS_CHECKPOINT_ROOT/detector``).
 
 The first load of a ``.pth`` writes a safetensors copy to
 ``$SAPIENS2_CACHE/detector/<sha256 prefix>.safetensors`` (default cache root
@@ -63,8 +64,13 @@ def resolve_detector_file(ref: str | os.PathLike[str]) -> Path:
     path = Path(text).expanduser()
     if path.is_file():
         return path
-    if path.exists():
-        raise DetectorWeightsError(f"{path} is not a file (expected a .pth or .safetensors file)")
+    if path.is_dir():
+        if (path / DEFAULT_FILENAME).is_file():
+            return path / DEFAULT_FILENAME
+        raise DetectorWeightsError(
+            f"{path} is a folder without {DEFAULT_FILENAME} (expected a .pth or .safetensors "
+            "file, or a folder holding rtmdet_m.pth)"
+        )
     if path.suffix in (".pth", ".pt", ".safetensors"):
         raise FileNotFoundError(f"detector weights file {path} does not exist")
     match = _HUB_REF.match(text)
