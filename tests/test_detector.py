@@ -27,12 +27,12 @@ from sapiens2_cli.detector_weights import (
 )
 from sapiens2_cli.hub import HubError
 from sapiens2_cli.models.detector import FALLBACK_SCORE, Detector
+from sapiens2_cli.tasks.bboxes import nms_xyxy
 from sapiens2_cli.models.rtmdet_boxes import (
     decode_detections,
-    greedy_nms_plus_one,
     letterbox,
     normalize,
-    select_person_boxes,
+    kept_person_rows,
 )
 
 CASE = FIXTURES / "parity" / "detector"
@@ -186,7 +186,7 @@ def test_predict_end_to_end(model: Detector, image: np.ndarray, io: dict, config
 
 def test_demo_filter_keeps_reference_rows(io: dict, config: dict) -> None:
     vis = config["vis_pose"]
-    keep = select_person_boxes(
+    keep = kept_person_rows(
         io["det_bboxes"].numpy(),
         io["det_scores"].numpy(),
         score_thr=vis["bbox_thr"],
@@ -215,10 +215,10 @@ def test_greedy_nms_plus_one_convention() -> None:
     # continuous ones 36/126 = 0.286 (kept). [6,0,15,9]: inclusive 40/160 = 0.25 (kept).
     boxes = np.array([[0, 0, 9, 9], [5, 0, 14, 9], [6, 0, 15, 9]], dtype=np.float32)
     scores = np.array([0.9, 0.8, 0.7], dtype=np.float32)
-    np.testing.assert_array_equal(greedy_nms_plus_one(boxes, scores, iou_thr=0.3), [0, 2])
+    np.testing.assert_array_equal(nms_xyxy(boxes, scores, 0.3), [0, 2])
     # Visiting order follows the scores, not the row order.
     np.testing.assert_array_equal(
-        greedy_nms_plus_one(boxes, scores[::-1].copy(), iou_thr=0.3), [2, 0]
+        nms_xyxy(boxes, scores[::-1].copy(), 0.3), [2, 0]
     )
 
 

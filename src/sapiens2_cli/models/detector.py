@@ -25,7 +25,7 @@ from sapiens2_cli.models.rtmdet_boxes import (
     decode_detections,
     letterbox,
     normalize,
-    select_person_boxes,
+    kept_person_rows,
 )
 from sapiens2_cli.models.rtmdet_head import RTMDetSepBNHead
 
@@ -141,7 +141,7 @@ class Detector(nn.Module):
         for image, raw in zip(images, self.predict(images), strict=True):
             bboxes = raw.bboxes.cpu().numpy()
             scores = raw.scores.cpu().numpy()
-            keep = select_person_boxes(bboxes, scores, score_thr=score_thr, nms_thr=nms_thr)
+            keep = kept_person_rows(bboxes, scores, score_thr=score_thr, nms_thr=nms_thr)
             dets = np.concatenate([bboxes[keep], scores[keep, None]], axis=1).astype(np.float32)
             if len(dets) == 0 and whole_image_fallback:
                 h, w = image.shape[:2]

@@ -5,7 +5,7 @@
 * :func:`normalize`: canvases -> network input (BGR order, ImageNet statistics listed as BGR).
 * :func:`decode_detections`: per-level head outputs -> at most 100 boxes in original-image
   pixels (``score > 0.05``, best 1000 per level, no NMS, best 100 overall).
-* :func:`select_person_boxes`: the demo's final filter (``score > 0.3`` then greedy NMS at
+* :func:`kept_person_rows`: the demo's final filter (``score > 0.3`` then greedy NMS at
   IoU 0.3 with the inclusive "+1" pixel convention).
 
 Boxes are ``xyxy`` in pixels throughout.
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+
+from sapiens2_cli.tasks.bboxes import nms_xyxy
 
 INPUT_SIZE = 640
 PAD_VALUE = 114
@@ -151,36 +153,14 @@ def decode_detections(
     )
 
 
-def greedy_nms_plus_one(boxes: np.ndarray, scores: np.ndarray, *, iou_thr: float) -> np.ndarray:
-    """Greedy NMS with inclusive pixel areas ``(x2 - x1 + 1) * (y2 - y1 + 1)``.
-
-    ``boxes [N, 4]`` and ``scores [N]`` float32. Boxes are visited in the order of
-    ``scores.argsort()[::-1]``; a box survives a round if its IoU with the current box is
-    ``<= iou_thr``. Returns the kept row indices ``[K]`` int64, in visiting order.
-    """
-    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
-    keep: list[int] = []
-    while order.size > 0:
-        i, rest = order[0], order[1:]
-        keep.append(int(i))
-        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-        inter = iw * ih
-        iou = inter / (areas[i] + areas[rest] - inter)
-        order = rest[iou <= iou_thr]
-    return np.asarray(keep, dtype=np.int64)
-
-
-def select_person_boxes(
+def kept_person_rows(
     bboxes: np.ndarray, scores: np.ndarray, *, score_thr: float, nms_thr: float
 ) -> np.ndarray:
-    """Rows the pose demo keeps: ``score > score_thr`` (strict), then :func:`greedy_nms_plus_one`.
+    """Rows the pose demo keeps: ``score > score_thr`` (strict), then the demo's greedy NMS.
 
     ``bboxes [N, 4]``, ``scores [N]`` float32 -> kept row indices ``[K]`` int64 into the
     inputs, highest score first.
     """
     above = np.flatnonzero(scores > np.float32(score_thr))
-    kept = greedy_nms_plus_one(bboxes[above], scores[above], iou_thr=nms_thr)
+    kept = nms_xyxy(bboxes[above], scores[above], nms_thr)
     return above[kept].astype(np.int64)
