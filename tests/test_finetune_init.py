@@ -19,6 +19,13 @@ from sapiens2_cli.train.model_setup import Labels, build_model, initialise, run_
 from sapiens2_cli.weights import CheckpointError, save_model
 
 
+@pytest.fixture
+def caplog(caplog, monkeypatch):
+    """``caplog`` that also sees the ``sapiens2`` logger after a run made it non-propagating."""
+    monkeypatch.setattr(logging.getLogger("sapiens2"), "propagate", True)
+    return caplog
+
+
 def _tiny(task: str, *overrides: str):
     return resolve(f"{task}/tiny", list(overrides))
 

@@ -200,7 +200,7 @@ def setup_logging(env: DistEnv, log_file: str | Path | None = None) -> logging.L
         from rich.logging import RichHandler
 
         stream: logging.Handler = RichHandler(
-            console=console(), show_path=False, show_level=False, markup=False
+            console=console(), show_path=False, show_level=False, show_time=False, markup=False
         )
         stream.setFormatter(logging.Formatter("%(message)s"))
     else:

@@ -156,20 +156,27 @@ class Evaluator:
         gathered = gather_objects(predictions, self.env)
         result = None
         if self.env.is_main:
-            pose_metric = self._pose_ground_truth()
+            keys = {p[0] for rank_predictions in gathered for p in rank_predictions}
+            pose_metric = self._pose_ground_truth(keys)
             for rank_predictions in gathered:
                 for key, xy, scores, bbox_score in rank_predictions:
                     pose_metric.add_prediction(key, xy, scores, bbox_score=bbox_score)
             result = pose_metric.compute()
         return broadcast_object(result, self.env)
 
-    def _pose_ground_truth(self) -> Any:
+    def _pose_ground_truth(self, keys: set[int]) -> Any:
+        """Every annotation of the evaluated images (all images unless ``max_samples`` cut the
+        set; the images left out hold no instance that counts)."""
         folders = self.dataset.folders
         metric = folders[0].metric()
-        for part, folder in enumerate(folders[1:], start=1):
+        metric.images.clear()  # refilled below, limited to the evaluated images
+        for part, folder in enumerate(folders):
             for inst in folder.instances:
+                key = part * _IMAGE_KEY_STRIDE + inst["image_id"]
+                if key not in keys:
+                    continue
                 metric.add_ground_truth(
-                    part * _IMAGE_KEY_STRIDE + inst["image_id"],
+                    key,
                     inst["keypoints"],
                     area=inst["area"],
                     iscrowd=inst["iscrowd"],
