@@ -253,7 +253,8 @@ def _finetune(
     )
 
     _seed(cfg.train.seed)  # identical initialisation on every rank
-    model = _on_main(env, lambda: _initial_model(cfg, labels))
+    # resuming: the checkpoint supplies the weights, so model.init is not read again
+    model = _on_main(env, lambda: _initial_model(cfg, labels, load_init=not resuming))
     if not env.is_main:
         model = build_model(cfg, labels, device="meta")
     _seed(cfg.train.seed + env.rank)
@@ -329,9 +330,10 @@ def _finetune(
     return result
 
 
-def _initial_model(cfg: Config, labels: Labels) -> torch.nn.Module:
+def _initial_model(cfg: Config, labels: Labels, *, load_init: bool) -> torch.nn.Module:
     model = build_model(cfg, labels)
-    initialise(model, cfg.model)
+    if load_init:
+        initialise(model, cfg.model)
     n = sum(p.numel() for p in model.parameters())
     log.info("model: %s %s, %.1f M parameters", cfg.task, model.info.size or "custom", n / 1e6)
     return model
