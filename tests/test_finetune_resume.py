@@ -1,0 +1,79 @@
+"""A run stopped and resumed equals an uninterrupted run, bit for bit (CPU), and a run folder is
+never overwritten or resumed with another configuration."""
+
+from __future__ import annotations
+
+import torch
+from click.testing import CliRunner
+from finetune_runs import read_metrics, seg_learnable, tiny_run
+from safetensors.torch import load_file
+
+from sapiens2_cli.cli import main
+
+# checkpoint at 14 falls between log lines (every 3 steps): the running loss sums must resume
+OVERRIDES = [
+    "train.iterations=30",
+    "train.log_interval=3",
+    "eval.interval=10",
+    "checkpoint.interval=10",
+    "checkpoint.keep=2",
+]
+
+
+def _cli(*args: str) -> object:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return CliRunner().invoke(main, list(args))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_tensors(a, b) -> None:
+    x, y = load_file(a), load_file(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.equal(x[key], y[key]), key
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    data = seg_learnable(tmp_path / "data")
+    full = tiny_run(tmp_path / "full", "seg", overrides=OVERRIDES, data=data)
+    part = tiny_run(tmp_path / "part", "seg", overrides=OVERRIDES, data=data, stop_at=14)
+    assert not (part / "final.safetensors").exists()
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == [
+        "step_00000010.pt",
+        "step_00000014.pt",
+    ]
+    # the command line takes the recipe from RUN/config.yaml when resuming
+    result = _cli("finetune", "-o", str(part), "--resume")
+    assert result.exit_code == 0, result.output
+
+    assert read_metrics(part) == read_metrics(full)  # every logged loss term, lr and grad norm
+    assert [r["step"] for r in read_metrics(full)] == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert read_metrics(part, "val") == read_metrics(full, "val")
+    _same_tensors(part / "final.safetensors", full / "final.safetensors")
+    _same_tensors(part / "best.safetensors", full / "best.safetensors")
+    # keep=2: only the newest two checkpoints survive
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == [
+        "step_00000020.pt",
+        "step_00000030.pt",
+    ]
+    # resuming a finished run trains nothing and keeps the history
+    before = (part / "metrics.jsonl").read_text()
+    assert _cli("finetune", "-o", str(part), "--resume").exit_code == 0
+    assert (part / "metrics.jsonl").read_text() == before
+
+
+def test_run_folder_is_protected(tmp_path):
+    data = seg_learnable(tmp_path / "data")
+    run = tiny_run(
+        tmp_path, "seg", overrides=["train.iterations=6", "schedule.warmup_iters=2"], data=data
+    )
+    common = ["finetune", "--recipe", "seg/tiny", "--data", str(data), "-o", str(run)]
+    again = _cli(*common, "train.iterations=6", "schedule.warmup_iters=2")
+    assert again.exit_code == 2
+    assert "already holds a run; pass --resume" in again.output
+    changed = _cli(*common, "--resume", "train.iterations=8", "schedule.warmup_iters=2")
+    assert changed.exit_code == 2
+    assert "train.iterations: 6 -> 8" in changed.output
