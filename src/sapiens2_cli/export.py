@@ -11,6 +11,7 @@ model (``export_check``). Only an artifact within tolerance is moved into place,
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -129,6 +130,10 @@ def export_model(
             "onnxruntime has no bfloat16 arithmetic kernels on CPU, so a bf16 ONNX graph cannot be verified; "
             "export fp32 (TensorRT can build a bf16 engine from it) or fp16"
         )
+    if fmt == "onnx":
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ExportError(f"ONNX export needs {', '.join(missing)}: pip install 'sapiens2[export]'")
     if fmt == "onnx" and opset < ONNX_MIN_OPSET:
         raise ExportError(f"ONNX opset {opset} is too old; use {ONNX_MIN_OPSET} or newer")
     if normalize_in_graph and fmt == "safetensors":

@@ -84,7 +84,10 @@ class OnnxArtifact(ArtifactModel):
     """An ONNX graph in an onnxruntime session (CPU, or CUDA with onnxruntime-gpu)."""
 
     def __init__(self, path: Path, device: torch.device) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ModuleNotFoundError as err:
+            raise CheckpointError(f"{path}: running ONNX needs onnxruntime: pip install 'sapiens2[export]'") from err
 
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
