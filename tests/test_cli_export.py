@@ -34,6 +34,14 @@ def test_export_bf16_safetensors(tmp_path):
     assert {t.dtype for t in load_file(out).values()} == {torch.bfloat16}
 
 
+def test_cli_choices_are_the_registries():
+    from sapiens2_cli.export import DTYPES, FORMATS
+
+    params = {p.name: p for p in main.commands["export"].params}
+    assert list(params["fmt"].type.choices) == list(FORMATS)
+    assert list(params["dtype"].type.choices) == list(DTYPES)
+
+
 def test_export_usage_errors(tmp_path):
     result = run("export", SEG, "-o", tmp_path / "a.pt2", "--input-size", "64by48")
     assert result.exit_code == 2 and "is not HxW" in result.output

@@ -13,8 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import sapiens2_cli.models.backbone as backbone
 import sapiens2_cli.models.rope as rope
-from conftest import FIXTURES
+from conftest import FIXTURES, fixture_cases
 from sapiens2_cli import load_model
 from sapiens2_cli.artifact_meta import default_labels
 from sapiens2_cli.export import ExportCheckError, ExportError, export_model, sidecar_path
@@ -26,7 +27,12 @@ from sapiens2_cli.weights import file_digest
 PARITY = FIXTURES / "parity"
 SEG = PARITY / "seg" / "model.safetensors"
 SIZE = {"seg": (64, 48), "pose": (64, 48), "pointmap": (144, 80), "backbone_tokenizer": (192, 128)}
-CASES = [(f, d) for f in ("safetensors", "pt2", "onnx") for d in ("fp32", "bf16", "fp16") if (f, d) != ("onnx", "bf16")]
+CASES = [
+    (f, d)
+    for f in ("safetensors", "pt2", "onnx")
+    for d in ("fp32", "bf16", "fp16")
+    if (f, d) != ("onnx", "bf16")
+]
 SUFFIX = {"safetensors": ".safetensors", "pt2": ".pt2", "onnx": ".onnx"}
 
 
@@ -43,7 +49,9 @@ def seg_exports(tmp_path_factory):
     """Every (format, dtype) export of the seg fixture, made once."""
     out = tmp_path_factory.mktemp("seg_exports")
     return {
-        (fmt, dtype): export_model(SEG, out / f"seg_{dtype}{SUFFIX[fmt]}", dtype=dtype, input_size=SIZE["seg"])
+        (fmt, dtype): export_model(
+            SEG, out / f"seg_{dtype}{SUFFIX[fmt]}", dtype=dtype, input_size=SIZE["seg"]
+        )
         for fmt, dtype in CASES
     }
 
@@ -166,7 +174,9 @@ def test_pointmap_is_size_locked(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_tokenizer_pt2_exports_with_dynamic_batch(tmp_path):
+def test_tokenizer_pt2_exports_with_dynamic_batch(tmp_path, monkeypatch):
+    # 6 windows per image in passes of 4: the chunk loop runs twice in the traced program
+    monkeypatch.setattr(backbone, "TOKENIZER_CHUNK", 4)
     src = PARITY / "backbone_tokenizer" / "model.safetensors"
     result = export_model(src, tmp_path / "tok.pt2", input_size=SIZE["backbone_tokenizer"])
     artifact = load_artifact(result.path)
@@ -186,7 +196,11 @@ def test_onnx_external_data(tmp_path):
     data = tmp_path / "seg.onnx.data"
     assert result.files == (tmp_path / "seg.onnx", data)
     graph = onnx.load(result.path, load_external_data=False)
-    big = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > 1024]
+    big = [
+        t
+        for t in graph.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > 1024
+    ]
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
     assert data.stat().st_size > 0.9 * sum(v.numel() * 4 for v in load_file(SEG).values() if v.numel() > 256)
     io = _io("seg")
@@ -228,3 +242,23 @@ def test_refusals(tmp_path):
     with pytest.raises(ExportError, match="not to safetensors"):
         export_model(SEG, tmp_path / "a.safetensors", normalize_in_graph=True)
     assert [p.name for p in tmp_path.iterdir()] == ["taken.pt2"]
+
+
+TINY_CASES = [
+    c for c in fixture_cases("parity")
+    if (c / "model.safetensors").is_file() and json.loads((c / "config.json").read_text())["arch"]["num_layers"] <= 4
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda p: p.name)
+def test_onnx_reproduces_every_tiny_case(case, tmp_path):
+    cfg = json.loads((case / "config.json").read_text())
+    io = load_file(case / "io.safetensors")
+    size = tuple(io["input"].shape[-2:])
+    artifact = load_artifact(
+        export_model(case / "model.safetensors", tmp_path / "m.onnx", input_size=size).path
+    )
+    got = artifact(io["input"])
+    got, want = (got, (io["output"], io["scale"])) if cfg["task"] == "pointmap" else ((got,), (io["output"],))
+    for g, w in zip(got, want, strict=True):
+        assert _max_rel(g, w) < BASE_TOLERANCES["fp32"]

@@ -89,7 +89,9 @@ def test_truncated_onnx(exported, tmp_path):
     data = exported["onnx"].read_bytes()
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(data[: len(data) // 3])
-    with pytest.raises(CheckpointError, match=r"bad\.onnx: (not a readable ONNX file|onnxruntime cannot load it)"):
+    with pytest.raises(
+        CheckpointError, match=r"bad\.onnx: (not a readable ONNX file|onnxruntime cannot load it)"
+    ):
         load_artifact(bad)
 
 
@@ -102,13 +104,19 @@ def test_garbage_pt2(tmp_path):
 
 def test_onnx_without_metadata(exported, tmp_path):
     path = _rewrite_onnx_metadata(exported["onnx"], tmp_path / "plain.onnx", task=None, input_size=None)
-    with pytest.raises(CheckpointError, match=r"plain\.onnx: no sapiens2 metadata \(sapiens2\.task, sapiens2\.input_size missing\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"plain\.onnx: no sapiens2 metadata \(sapiens2\.task, sapiens2\.input_size missing\)",
+    ):
         load_artifact(path)
 
 
 def test_onnx_metadata_that_contradicts_the_graph(exported, tmp_path):
     path = _rewrite_onnx_metadata(exported["onnx"], tmp_path / "a.onnx", input_size="128x96")
-    with pytest.raises(CheckpointError, match=r"graph input shape \['batch', 3, 64, 48\] does not match the metadata input size 128x96"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"graph input shape \['batch', 3, 64, 48\] does not match the metadata input size 128x96",
+    ):
         load_artifact(path)
     path = _rewrite_onnx_metadata(exported["onnx"], tmp_path / "b.onnx", artifact_format="pt2")
     with pytest.raises(CheckpointError, match="metadata says it is a pt2 artifact but the file is onnx"):
@@ -124,7 +132,9 @@ def test_onnx_metadata_that_contradicts_the_graph(exported, tmp_path):
 def test_onnx_missing_external_data(tmp_path):
     result = export_model(SEG, tmp_path / "ext.onnx", input_size=(64, 48), external_data_bytes=1)
     (tmp_path / "ext.onnx.data").unlink()
-    with pytest.raises(CheckpointError, match=r"ext\.onnx: its external weight file ext\.onnx\.data is missing"):
+    with pytest.raises(
+        CheckpointError, match=r"ext\.onnx: its external weight file ext\.onnx\.data is missing"
+    ):
         load_artifact(result.path)
 
 
@@ -138,5 +148,8 @@ def test_pt2_metadata_problems(exported, tmp_path):
     meta = json.loads(extra[PT2_EXTRA_FILE])
     meta.update({"sapiens2.task": "pointmap", "sapiens2.output_names": '["pointmap", "scale"]'})
     torch.export.save(program, tmp_path / "liar.pt2", extra_files={PT2_EXTRA_FILE: json.dumps(meta)})
-    with pytest.raises(CheckpointError, match=r"liar\.pt2: the program has 1 outputs, its metadata names \['pointmap', 'scale'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"liar\.pt2: the program has 1 outputs, its metadata names \['pointmap', 'scale'\]",
+    ):
         load_artifact(tmp_path / "liar.pt2")

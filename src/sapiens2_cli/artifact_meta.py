@@ -121,12 +121,20 @@ def with_prefix(meta: Mapping[str, str]) -> dict[str, str]:
 
 
 def strip_prefix(meta: Mapping[str, str]) -> dict[str, str]:
-    return {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
+    return {k[len(META_PREFIX) :]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
 
 
 def parse_metadata(path: str, meta: Mapping[str, str], *, artifact_format: ArtifactFormat) -> ArtifactInfo:
     """Read the table back (keys without prefix); a missing or malformed entry names the file."""
-    required = ("task", "arch", "input_size", "artifact_format", "dtype", "output_names", "normalize_in_graph")
+    required = (
+        "task",
+        "arch",
+        "input_size",
+        "artifact_format",
+        "dtype",
+        "output_names",
+        "normalize_in_graph",
+    )
     missing = [k for k in required if k not in meta]
     if missing:
         raise CheckpointError(

@@ -118,7 +118,9 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -
     help="Artifact format (default: from the output suffix).",
 )  # fmt: skip
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--input-size", callback=_parse_size, metavar="HxW", help="Export/verification size (default: the model's).")
+@click.option(
+    "--input-size", callback=_parse_size, metavar="HxW", help="Export and verification size (default: the model's)."
+)
 @click.option("--normalize-in-graph", is_flag=True, help="pt2/onnx graphs take RGB pixels 0-255 and normalise inside.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18 or newer).")
 @click.option("--device", default="cpu", show_default=True, help="Where to trace and verify (cpu, cuda...).")
@@ -148,5 +150,6 @@ def export_cmd(
         )  # fmt: skip
     except (ExportError, CheckpointError, HubError) as err:
         fail(str(err))
-    click.echo(f"wrote {', '.join(map(str, result.files))} (max|diff| {result.max_abs:.3g}, relative {result.max_rel:.3g})")
+    files = ", ".join(map(str, result.files))
+    click.echo(f"wrote {files} (max|diff| {result.max_abs:.3g}, relative {result.max_rel:.3g})")
     click.echo(f"check: {result.sidecar}")

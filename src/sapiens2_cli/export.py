@@ -21,7 +21,15 @@ from pathlib import Path
 import torch
 
 from sapiens2_cli import __version__
-from sapiens2_cli.artifact_meta import OUTPUT_NAMES, ArtifactFormat, ArtifactInfo, DtypeName, build_metadata, default_labels, label_key
+from sapiens2_cli.artifact_meta import (
+    OUTPUT_NAMES,
+    ArtifactFormat,
+    ArtifactInfo,
+    DtypeName,
+    build_metadata,
+    default_labels,
+    label_key,
+)
 from sapiens2_cli.export_check import CheckResult, check_inputs, compare, max_rel, perturb_ulp, tolerance_for
 from sapiens2_cli.export_graph import (
     ONNX_DEFAULT_OPSET,
@@ -123,23 +131,9 @@ def export_model(
     say = log or (lambda _msg: None)
     output = Path(output)
     fmt = resolve_format(output, fmt)
-    if dtype not in DTYPES:
-        raise ExportError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if fmt == "onnx" and dtype == "bf16":
-        raise ExportError(
-            "onnxruntime has no bfloat16 arithmetic kernels on CPU, so a bf16 ONNX graph cannot be verified; "
-            "export fp32 (TensorRT can build a bf16 engine from it) or fp16"
-        )
-    if fmt == "onnx":
-        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ExportError(f"ONNX export needs {', '.join(missing)}: pip install 'sapiens2[export]'")
-    if fmt == "onnx" and opset < ONNX_MIN_OPSET:
-        raise ExportError(f"ONNX opset {opset} is too old; use {ONNX_MIN_OPSET} or newer")
-    if normalize_in_graph and fmt == "safetensors":
-        raise ExportError("--normalize-in-graph applies to pt2 and onnx graphs, not to safetensors weights")
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output}: already exists (pass --overwrite to replace it)")
+    _check_request(
+        output, fmt=fmt, dtype=dtype, opset=opset, normalize_in_graph=normalize_in_graph, overwrite=overwrite
+    )
 
     device = torch.device(device)
     eager = load_model(ref, device=device)
@@ -147,40 +141,35 @@ def export_model(
     if output.resolve() == source.resolve():
         raise ExportError(f"{output}: is the source checkpoint itself; choose another output path")
     size = _input_size(eager, input_size)
-    inputs = check_inputs(size, check_image)
-    say(f"reference: {eager.task} model {eager.info.size or 'custom size'} from {source}, input {size[0]}x{size[1]}")
+    try:
+        inputs = check_inputs(size, check_image)
+    except FileNotFoundError as err:
+        raise ExportError(str(err)) from err
+    say(
+        f"reference: {eager.task} model {eager.info.size or 'custom size'} from {source}, input {size[0]}x{size[1]}"
+    )
     with torch.no_grad():
         try:
             want = {name: eager(x.to(device)) for name, (x, _) in inputs.items()}
         except ValueError as err:  # e.g. a pointmap head locked to another size
-            hint = " (a pointmap head runs only at the input size it was trained for)" if eager.task == "pointmap" else ""
+            hint = (
+                " (a pointmap head runs only at the input size it was trained for)"
+                if eager.task == "pointmap"
+                else ""
+            )
             raise ExportError(f"{source}: cannot run at {size[0]}x{size[1]}{hint}: {err}") from err
 
-    head = eager.info.head
-    channels = head.out_channels if head is not None else 0
-    key = label_key(eager.task)
-    labels = tuple(json.loads(eager.info.metadata[key])) if key and key in eager.info.metadata else default_labels(eager.task, channels)
-    if fmt == "onnx":
-        dynamic = ("batch",)
-    elif fmt == "pt2" and dynamic_spatial(eager) or fmt == "safetensors" and eager.task != "pointmap":
-        dynamic = ("batch", "height", "width")
-    else:
-        dynamic = ("batch",)
     metadata = build_metadata(
-        task=eager.task, arch=eager.info.arch, head=head, size=eager.info.size, input_size=size,
-        artifact_format=fmt, dtype=dtype, normalize_in_graph=normalize_in_graph, dynamic_axes=dynamic,
-        labels=labels, source=str(eager.info.source or ref), source_digest=file_digest(source),
+        task=eager.task, arch=eager.info.arch, head=eager.info.head, size=eager.info.size, input_size=size,
+        artifact_format=fmt, dtype=dtype, normalize_in_graph=normalize_in_graph,
+        dynamic_axes=dynamic_axes(fmt, eager), labels=_labels(eager),
+        source=str(eager.info.source or ref), source_digest=file_digest(source),
     )  # fmt: skip
     if fmt == "onnx":
         metadata["onnx_opset"] = str(opset)
-
     model = eager if dtype == "fp32" else load_model(ref, device=device, dtype=DTYPES[dtype])
     graph = GraphModule(model, normalize_in_graph=normalize_in_graph).to(device).eval()
-    with torch.no_grad():
-        if dtype == "fp32":  # the model's response to 1-ulp input noise
-            floor = max(max_rel(eager(perturb_ulp(x).to(device)), want[n]) for n, (x, _) in inputs.items())
-        else:  # what running the eager model in this dtype costs
-            floor = max(max_rel(graph.model(x.to(device, graph.dtype)), want[n]) for n, (x, _) in inputs.items())
+    floor = _noise_floor(eager, graph, inputs, want, device)
     limit = tolerance_for(dtype, floor) if tolerance is None else tolerance
 
     scratch = output.parent / f".{output.name}.export-{os.getpid()}"
@@ -189,14 +178,21 @@ def export_model(
     try:
         target = scratch / output.name
         say(f"writing {fmt} ({dtype})...")
+        example = torch.zeros(2, 3, *size, device=device)
         if fmt == "safetensors":
             save_model(eager, target, dtype=DTYPES[dtype], metadata=metadata)
         elif fmt == "pt2":
-            write_pt2(graph, torch.zeros(2, 3, *size, device=device), target, metadata=metadata)
+            write_pt2(graph, example, target, metadata=metadata)
         else:
             try:
-                write_onnx(graph, torch.zeros(2, 3, *size, device=device), target, metadata=metadata,
-                           opset=opset, external_data_bytes=external_data_bytes)  # fmt: skip
+                write_onnx(
+                    graph,
+                    example,
+                    target,
+                    metadata=metadata,
+                    opset=opset,
+                    external_data_bytes=external_data_bytes,
+                )
             except ValueError as err:
                 raise ExportError(f"{output}: {err}") from err
         artifact = load_artifact(target, device=_runtime_device(fmt, device))
@@ -205,28 +201,93 @@ def export_model(
             say(check.describe())
         if not all(c.passed for c in checks):
             lines = "\n  ".join(c.describe() for c in checks)
-            raise ExportCheckError(f"{output}: the {fmt} artifact does not reproduce the eager model; removed it\n  {lines}")
+            raise ExportCheckError(
+                f"{output}: the {fmt} artifact does not reproduce the eager model; removed it\n  {lines}"
+            )
         files = tuple(sorted(scratch.iterdir()))
         report = _sidecar(output, files, artifact, metadata, checks, limit, floor, tolerance is not None)
-        finals = []
-        for f in files:
-            os.replace(f, output.parent / f.name)
-            finals.append(output.parent / f.name)
-        sidecar = sidecar_path(output)
-        tmp = scratch / sidecar.name
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, sidecar)
+        finals, sidecar = _install(files, output, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     info = dataclasses.replace(artifact.info, path=str(output))
     return ExportResult(output, tuple(finals), sidecar, info, checks)
 
 
+def dynamic_axes(fmt: ArtifactFormat, model: Sapiens2Model) -> tuple[str, ...]:
+    """Axes an artifact accepts at any size: ONNX fixes H/W (RoPE is baked in), pt2 and
+    safetensors keep them free unless the model is size-locked (``dynamic_spatial``; the eager
+    model also runs the 4K tokenizer at any multiple of its stride)."""
+    free = {
+        "onnx": False,
+        "pt2": dynamic_spatial(model),
+        "safetensors": model.task != "pointmap",
+    }[fmt]
+    return ("batch", "height", "width") if free else ("batch",)
+
+
+def _check_request(
+    output: Path, *, fmt: ArtifactFormat, dtype: str, opset: int, normalize_in_graph: bool, overwrite: bool
+) -> None:
+    """Refuse what cannot be made before anything is loaded."""
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if fmt == "onnx":
+        if dtype == "bf16":
+            raise ExportError(
+                "onnxruntime has no bfloat16 arithmetic kernels on CPU, so a bf16 ONNX graph cannot be "
+                "verified; export fp32 (TensorRT can build a bf16 engine from it) or fp16"
+            )
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ExportError(f"ONNX export needs {', '.join(missing)}: pip install 'sapiens2[export]'")
+        if opset < ONNX_MIN_OPSET:
+            raise ExportError(f"ONNX opset {opset} is too old; use {ONNX_MIN_OPSET} or newer")
+    if normalize_in_graph and fmt == "safetensors":
+        raise ExportError("--normalize-in-graph applies to pt2 and onnx graphs, not to safetensors weights")
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output}: already exists (pass --overwrite to replace it)")
+
+
+def _labels(model: Sapiens2Model) -> tuple[str, ...]:
+    """Class / keypoint names: the checkpoint's own metadata first, else the packaged tables."""
+    key = label_key(model.task)
+    if key and key in model.info.metadata:
+        return tuple(json.loads(model.info.metadata[key]))
+    return default_labels(model.task, model.info.head.out_channels if model.info.head is not None else 0)
+
+
+def _noise_floor(eager: Sapiens2Model, graph: GraphModule, inputs, want, device: torch.device) -> float:
+    """fp32: the eager model's response to 1-ulp input noise; bf16/fp16: what running the eager
+    model in that dtype costs. Both as the worst ``max_rel`` over the check inputs."""
+    with torch.no_grad():
+        if graph.dtype == torch.float32:
+            return max(max_rel(eager(perturb_ulp(x).to(device)), want[n]) for n, (x, _) in inputs.items())
+        return max(max_rel(graph.model(x.to(device, graph.dtype)), want[n]) for n, (x, _) in inputs.items())
+
+
+def _install(files: tuple[Path, ...], output: Path, report: dict) -> tuple[tuple[Path, ...], Path]:
+    """Move the verified files next to ``output`` and write the sidecar; drop a stale ``.data``."""
+    stale = output.with_name(output.name + ".data")
+    if output.exists() and stale.exists() and stale.name not in {f.name for f in files}:
+        stale.unlink()
+    finals = []
+    for f in files:
+        os.replace(f, output.parent / f.name)
+        finals.append(output.parent / f.name)
+    sidecar = sidecar_path(output)
+    tmp = files[0].with_name(sidecar.name)
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, sidecar)
+    return tuple(finals), sidecar
+
+
 def _input_size(model: Sapiens2Model, size: tuple[int, int] | None) -> tuple[int, int]:
     size = tuple(size) if size is not None else tuple(model.info.input_size)
     stride = model.backbone.arch.stride
     if len(size) != 2 or any(s <= 0 or s % stride for s in size):
-        raise ExportError(f"input size {size[0]}x{size[1]} must be positive multiples of {stride} pixels for this model")
+        raise ExportError(
+            f"input size {size[0]}x{size[1]} must be positive multiples of {stride} pixels for this model"
+        )
     return size  # type: ignore[return-value]
 
 
@@ -247,7 +308,16 @@ def _check(artifact: ArtifactModel, inputs, want, tolerance: float, normalize_in
         yield compare(name, tuple(x.shape), got, want[name], names, tolerance)
 
 
-def _sidecar(output: Path, files, artifact: ArtifactModel, metadata, checks, tolerance: float, floor: float, fixed: bool) -> dict:
+def _sidecar(
+    output: Path,
+    files,
+    artifact: ArtifactModel,
+    metadata,
+    checks,
+    tolerance: float,
+    floor: float,
+    fixed: bool,
+) -> dict:
     runtime = f"torch {torch.__version__}"
     if artifact.info.format == "onnx":
         import onnxruntime as ort
@@ -266,7 +336,9 @@ def _sidecar(output: Path, files, artifact: ArtifactModel, metadata, checks, tol
         "source_digest": metadata["source_digest"],
         "metric": "max |artifact - eager float32| / max |eager float32|, per output",
         "tolerance": tolerance,
-        "tolerance_rule": "given on the command line" if fixed else "max(base for the dtype, factor * noise_floor)",
+        "tolerance_rule": "given on the command line"
+        if fixed
+        else "max(base for the dtype, factor * noise_floor)",
         "noise_floor": floor,
         "max_abs_diff": max(d.max_abs for c in checks for d in c.outputs),
         "max_rel_diff": max(d.max_rel for c in checks for d in c.outputs),

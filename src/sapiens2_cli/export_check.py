@@ -71,7 +71,11 @@ class CheckResult:
     def describe(self) -> str:
         parts = [f"{d.name} max|diff| {d.max_abs:.3g} (relative {d.max_rel:.3g})" for d in self.outputs]
         verdict = "ok" if self.passed else "FAILED"
-        return f"{self.input} {list(self.shape)}: " + ", ".join(parts) + f"; tolerance {self.tolerance:g}: {verdict}"
+        return (
+            f"{self.input} {list(self.shape)}: "
+            + ", ".join(parts)
+            + f"; tolerance {self.tolerance:g}: {verdict}"
+        )
 
 
 def default_check_image() -> Path:
@@ -99,7 +103,9 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def check_inputs(input_size: tuple[int, int], image: str | Path | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def check_inputs(
+    input_size: tuple[int, int], image: str | Path | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (normalised input, RGB pixels 0-255)}`` for ``random`` and ``real``, CPU float32."""
     gen = torch.Generator().manual_seed(SEED)
     random = torch.randn(RANDOM_BATCH, 3, *input_size, generator=gen)
@@ -109,7 +115,9 @@ def check_inputs(input_size: tuple[int, int], image: str | Path | None = None) -
     return {"random": (random, random * std + mean), "real": (normalise(pixels), pixels)}
 
 
-def compare(name: str, shape: tuple[int, ...], got, want, names: tuple[str, ...], tolerance: float) -> CheckResult:
+def compare(
+    name: str, shape: tuple[int, ...], got, want, names: tuple[str, ...], tolerance: float
+) -> CheckResult:
     """Compare artifact outputs ``got`` with eager outputs ``want`` (tensors or tuples of them)."""
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)

@@ -27,7 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sapiens2_cli.artifact_meta import INPUT_NAME, MEAN_RGB, OUTPUT_NAMES, PT2_EXTRA_FILE, STD_RGB, with_prefix
+from sapiens2_cli.artifact_meta import (
+    INPUT_NAME,
+    MEAN_RGB,
+    OUTPUT_NAMES,
+    PT2_EXTRA_FILE,
+    STD_RGB,
+    with_prefix,
+)
 from sapiens2_cli.models.sapiens2 import Sapiens2Model
 
 # 18: the oldest the torch.export-based exporter emits natively (its conversion down to 17 fails

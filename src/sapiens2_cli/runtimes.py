@@ -28,7 +28,7 @@ from sapiens2_cli.artifact_meta import (
 from sapiens2_cli.weights import CheckpointError
 
 Output = torch.Tensor | tuple[torch.Tensor, ...]
-SUFFIX_FORMAT: dict[str, ArtifactFormat] = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors"}
+SUFFIX_FORMAT: dict[str, ArtifactFormat] = {".safetensors": "safetensors", ".pt2": "pt2", ".onnx": "onnx"}
 
 
 class ArtifactModel:
@@ -61,7 +61,9 @@ class ArtifactModel:
         for axis, got, want in (("height", x.shape[2], h), ("width", x.shape[3], w)):
             if axis in dynamic:
                 if got % stride or got < 2 * stride:
-                    raise ValueError(f"{self.info.path}: {axis} {got} is not a multiple of {stride} (>= {2 * stride})")
+                    raise ValueError(
+                        f"{self.info.path}: {axis} {got} is not a multiple of {stride} (>= {2 * stride})"
+                    )
             elif got != want:
                 raise ValueError(
                     f"{self.info.path}: exported for {h}x{w} inputs (static {axis}), got {x.shape[2]}x{x.shape[3]}"
@@ -87,12 +89,16 @@ class OnnxArtifact(ArtifactModel):
         try:
             import onnxruntime as ort
         except ModuleNotFoundError as err:
-            raise CheckpointError(f"{path}: running ONNX needs onnxruntime: pip install 'sapiens2[export]'") from err
+            raise CheckpointError(
+                f"{path}: running ONNX needs onnxruntime: pip install 'sapiens2[export]'"
+            ) from err
 
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise CheckpointError(f"{path}: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+                raise CheckpointError(
+                    f"{path}: this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+                )
             providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(os.fspath(path), providers=providers)
@@ -128,7 +134,9 @@ class Pt2Artifact(ArtifactModel):
         try:
             program = torch.export.load(path, extra_files=extra)
         except Exception as err:  # noqa: BLE001 - zip, pickle and schema errors alike
-            raise CheckpointError(f"{path}: not a readable torch.export program ({_first_line(err)})") from err
+            raise CheckpointError(
+                f"{path}: not a readable torch.export program ({_first_line(err)})"
+            ) from err
         try:
             meta = strip_prefix(json.loads(extra[PT2_EXTRA_FILE] or "{}"))
         except ValueError as err:
@@ -139,9 +147,10 @@ class Pt2Artifact(ArtifactModel):
             raise CheckpointError(
                 f"{path}: the program has {n_out} outputs, its metadata names {list(self.info.output_names)}"
             )
-        if device.type != "cpu":
-            program = torch.export.passes.move_to_device_pass(program, device)
-        self.module = program.module()
+        from torch.export.passes import move_to_device_pass
+
+        # a program keeps the device it was traced on; move it to the one asked for
+        self.module = move_to_device_pass(program, device).module()
 
     def run(self, image: torch.Tensor) -> Output:
         with torch.no_grad():
@@ -153,7 +162,7 @@ class EagerArtifact(ArtifactModel):
     """A safetensors checkpoint, loaded into the eager model (fp32 compute)."""
 
     def __init__(self, path: Path, device: torch.device) -> None:
-        from sapiens2_cli.export_graph import dynamic_spatial
+        from sapiens2_cli.export import dynamic_axes
         from sapiens2_cli.weights import load_model
 
         self.model = load_model(path, device=device)
@@ -167,7 +176,7 @@ class EagerArtifact(ArtifactModel):
             info = ArtifactInfo(
                 task=mi.task, arch=mi.arch, head=mi.head, input_size=mi.input_size, format="safetensors",
                 dtype="fp32", output_names=OUTPUT_NAMES[mi.task], normalize_in_graph=False,
-                dynamic_axes=("batch", "height", "width") if dynamic_spatial(self.model) else ("batch",),
+                dynamic_axes=dynamic_axes("safetensors", self.model),
                 size=mi.size, source=mi.source, path=str(path), metadata=dict(meta),
             )  # fmt: skip
         super().__init__(info, device)
@@ -183,7 +192,9 @@ def artifact_format(path: str | os.PathLike) -> ArtifactFormat | None:
     return SUFFIX_FORMAT.get(Path(path).suffix.lower())
 
 
-def load_artifact(path: str | os.PathLike, *, device: str | torch.device = "cpu", task: str | None = None) -> ArtifactModel:
+def load_artifact(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", task: str | None = None
+) -> ArtifactModel:
     """Open an exported ``.onnx``, ``.pt2`` or ``.safetensors`` file for inference.
 
     Args:
@@ -224,7 +235,9 @@ def _diagnose_onnx(path: Path) -> None:
     }
     missing = sorted(loc for loc in locations if not (path.parent / loc).is_file())
     if missing:
-        raise CheckpointError(f"{path}: its external weight file {', '.join(missing)} is missing (keep it next to the graph)")
+        raise CheckpointError(
+            f"{path}: its external weight file {', '.join(missing)} is missing (keep it next to the graph)"
+        )
 
 
 def _first_line(err: BaseException) -> str:
