@@ -258,6 +258,10 @@ def test_onnx_reproduces_every_tiny_case(case, tmp_path):
     artifact = load_artifact(
         export_model(case / "model.safetensors", tmp_path / "m.onnx", input_size=size).path
     )
+    assert artifact.task == cfg["task"]
+    if cfg["task"] in ("seg", "pose"):  # the released channel counts get the packaged names
+        assert len(artifact.info.labels) == artifact.info.head.out_channels == {"seg": 29, "pose": 308}[cfg["task"]]
+        assert artifact.info.labels[0] == {"seg": "Background", "pose": "nose"}[cfg["task"]]
     got = artifact(io["input"])
     got, want = (got, (io["output"], io["scale"])) if cfg["task"] == "pointmap" else ((got,), (io["output"],))
     for g, w in zip(got, want, strict=True):
