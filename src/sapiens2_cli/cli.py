@@ -246,3 +246,56 @@ def evaluate_cmd(
             click.echo(f"{key:>24}: {value:.4f}")
         elif not isinstance(value, list):
             click.echo(f"{key:>24}: {value}")
+def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not HxW, e.g. 1024x768") from None
+    return h, w
+
+
+@main.command("export")
+@click.argument("ref")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Artifact to write.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["safetensors", "pt2", "onnx"]),
+    help="Artifact format (default: from the output suffix).",
+)  # fmt: skip
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--input-size", callback=_parse_size, metavar="HxW", help="Export and verification size (default: the model's)."
+)
+@click.option("--normalize-in-graph", is_flag=True, help="pt2/onnx graphs take RGB pixels 0-255 and normalise inside.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18 or newer).")
+@click.option("--device", default="cpu", show_default=True, help="Where to trace and verify (cpu, cuda...).")
+@click.option("--check-image", type=click.Path(exists=True, dir_okay=False), help="Photo for the real-input check.")
+@click.option("--tolerance", type=float, help="Fixed limit on max|artifact-eager|/max|eager| (default: per dtype).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def export_cmd(
+    ref: str, output: str, fmt: str | None, dtype: str, input_size: tuple[int, int] | None,
+    normalize_in_graph: bool, opset: int, device: str, check_image: str | None, tolerance: float | None,
+    overwrite: bool,
+) -> None:  # fmt: skip
+    """Export REF as release safetensors, a torch.export program (.pt2) or ONNX, verified against eager.
+
+    The written artifact is run on a random and a real input and compared with the float32
+    eager model; the differences go to OUTPUT.verify.json. Beyond tolerance nothing is kept
+    and the command exits 1.
+    """
+    from sapiens2_cli.export import ExportError, export_model
+    from sapiens2_cli.hub import HubError
+    from sapiens2_cli.weights import CheckpointError
+
+    try:
+        result = export_model(
+            ref, output, fmt=fmt, dtype=dtype, input_size=input_size, normalize_in_graph=normalize_in_graph,
+            opset=opset, device=device, check_image=check_image, tolerance=tolerance, overwrite=overwrite,
+            log=click.echo,
+        )  # fmt: skip
+    except (ExportError, CheckpointError, HubError) as err:
+        fail(str(err))
+    files = ", ".join(map(str, result.files))
+    click.echo(f"wrote {files} (max|diff| {result.max_abs:.3g}, relative {result.max_rel:.3g})")
+    click.echo(f"check: {result.sidecar}")

@@ -80,19 +80,24 @@ class WindowTokenizer(nn.Module):
                 f"the 4K tokenizer needs a patch grid divisible by {ws}, got {h}x{w} "
                 f"(input must be a multiple of {16 * ws} pixels)"
             )
+        nw = (h // ws) * (w // ws)
         windows = (
             x.view(b, h // ws, ws, w // ws, ws, dim)
             .permute(0, 1, 3, 2, 4, 5)
-            .reshape(-1, ws * ws, dim)
-        )  # [B * nh * nw, ws*ws, D]
+            .reshape(b, nw, ws * ws, dim)
+        )  # [B, nW, ws*ws, D]
+        # About TOKENIZER_CHUNK windows per pass. Traced graphs (torch.export) chunk per image
+        # so the number of passes depends on the grid only and the batch can stay dynamic.
+        per_pass = TOKENIZER_CHUNK if torch.compiler.is_compiling() else max(1, TOKENIZER_CHUNK // b)
         pooled = []
-        for chunk in windows.split(TOKENIZER_CHUNK):
-            seq = torch.cat([self.w_cls.expand(chunk.shape[0], -1, -1), chunk], dim=1)
+        for chunk in windows.split(per_pass, dim=1):  # [B, c, ws*ws, D]
+            seq = chunk.reshape(-1, ws * ws, dim)  # [B*c, ws*ws, D]
+            seq = torch.cat([self.w_cls.expand(seq.shape[0], -1, -1), seq], dim=1)
             seq = seq + self.local_pos_embed
             for block in self.blocks:
                 seq = block(seq)
-            pooled.append(seq[:, 0])
-        return torch.cat(pooled).view(b, (h // ws) * (w // ws), dim)
+            pooled.append(seq[:, 0].view(b, -1, dim))  # [B, c, D]
+        return torch.cat(pooled, dim=1)  # [B, nW, D]
 
 
 class PatchEmbed(nn.Module):

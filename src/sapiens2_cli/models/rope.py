@@ -46,10 +46,17 @@ class RopePositionEmbedding(nn.Module):
 
     def forward(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sin, cos)``, each ``[h*w, head_dim]`` bf16, tokens row-major."""
+        if torch.compiler.is_compiling():
+            # traced (torch.compile / torch.export): fake tensors have no data pointer to key on
+            return self.tables(h, w)
         key = (h, w, self.periods.device, self.periods._version, self.periods.data_ptr())
         cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+        if cached is None:
+            cached = self._cache[key] = self.tables(h, w)
+        return cached
+
+    def tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sin, cos)`` for an ``h x w`` patch grid, computed afresh (no cache)."""
         dd = {"device": self.periods.device, "dtype": ROPE_DTYPE}
         ys = torch.arange(0.5, h, **dd) / h  # [h]
         xs = torch.arange(0.5, w, **dd) / w  # [w]
@@ -57,10 +64,7 @@ class RopePositionEmbedding(nn.Module):
         coords = 2.0 * coords - 1.0
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [N, 2, d/4]
         angles = angles.flatten(1, 2).tile(2)  # [N, d]
-        tables = (torch.sin(angles), torch.cos(angles))
-        if not torch.compiler.is_compiling():
-            self._cache[key] = tables
-        return tables
+        return torch.sin(angles), torch.cos(angles)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -68,15 +72,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-second, first], dim=-1)
 
 
+def round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round ``x`` to the nearest bfloat16 value (ties to even), keeping ``x``'s dtype."""
+    return x.to(ROPE_DTYPE).to(x.dtype)
+
+
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """Rotate the last ``N = sin.shape[0]`` tokens of ``x`` ``[B, heads, n, d]`` in bf16.
 
     The prefix tokens (cls, storage) are not rotated but still pass through the bf16 cast,
     as in the official model. Returns ``x``'s dtype.
+
+    With bf16 tables the arithmetic runs in bf16 (eager). With float32 tables holding bf16
+    values (what ``export`` bakes into graphs for runtimes without bf16 arithmetic kernels,
+    such as onnxruntime on CPU) the same arithmetic runs in float32 with a rounding to bf16
+    after every operation. Both give bit-identical results: a product of two bf16 values is
+    exact in float32, and a bf16 add is itself a float32 add rounded to bf16.
     """
+    if sin.dtype == torch.float32:
+        return _apply_rope_rounded(x, sin, cos)
     dtype = x.dtype
     x = x.to(sin.dtype)
     prefix = x.shape[-2] - sin.shape[-2]
     patches = x[:, :, prefix:]
     rotated = patches * cos + _rotate_half(patches) * sin
+    return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
+
+
+def _apply_rope_rounded(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` in float32 with explicit bf16 rounding (tables float32, bf16-valued)."""
+    dtype = x.dtype
+    x = round_bf16(x.float())
+    prefix = x.shape[-2] - sin.shape[-2]
+    patches = x[:, :, prefix:]
+    rotated = round_bf16(round_bf16(patches * cos) + round_bf16(_rotate_half(patches) * sin))
     return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
