@@ -50,6 +50,13 @@ class RopePositionEmbedding(nn.Module):
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        with torch.autocast(self.periods.device.type, enabled=False):
+            tables = self._tables(h, w)
+        if not torch.compiler.is_compiling():
+            self._cache[key] = tables
+        return tables
+
+    def _tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         dd = {"device": self.periods.device, "dtype": ROPE_DTYPE}
         ys = torch.arange(0.5, h, **dd) / h  # [h]
         xs = torch.arange(0.5, w, **dd) / w  # [w]
@@ -57,10 +64,7 @@ class RopePositionEmbedding(nn.Module):
         coords = 2.0 * coords - 1.0
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [N, 2, d/4]
         angles = angles.flatten(1, 2).tile(2)  # [N, d]
-        tables = (torch.sin(angles), torch.cos(angles))
-        if not torch.compiler.is_compiling():
-            self._cache[key] = tables
-        return tables
+        return torch.sin(angles), torch.cos(angles)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +79,10 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     as in the official model. Returns ``x``'s dtype.
     """
     dtype = x.dtype
-    x = x.to(sin.dtype)
-    prefix = x.shape[-2] - sin.shape[-2]
-    patches = x[:, :, prefix:]
-    rotated = patches * cos + _rotate_half(patches) * sin
-    return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
+    # The rotation is bf16 by design: autocast (fp16 in particular) must not re-type it.
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(sin.dtype)
+        prefix = x.shape[-2] - sin.shape[-2]
+        patches = x[:, :, prefix:]
+        rotated = patches * cos + _rotate_half(patches) * sin
+        return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
