@@ -24,7 +24,18 @@ def fail(message: str) -> None:
     sys.exit(EXIT_FAILED)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The root group; keeps the raw arguments so that a run can record its own command line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGV_KEY] = list(args)
+        return super().parse_args(ctx, args)
+
+
+ARGV_KEY = "sapiens2.argv"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sapiens2")
 def main() -> None:
     """Run Meta's Sapiens2 models: predict, fine-tune, pretrain and export."""
@@ -158,7 +169,7 @@ def predict_cmd(inputs: tuple[str, ...], output: str, tasks: tuple[str, ...], si
             recursive=recursive, batch_size=batch_size, workers=workers, device=device,
             precision=precision, compile=compile_, overwrite=not skip_existing,
             shard=parse_shard(shard) if shard else None, quiet=quiet,
-            command=("sapiens2", *sys.argv[1:]),
+            command=("sapiens2", *click.get_current_context().meta.get(ARGV_KEY, sys.argv[1:])),
         )  # fmt: skip
     except (PlanError, SourceError) as err:
         usage_fail(str(err))
@@ -174,7 +185,7 @@ def predict_cmd(inputs: tuple[str, ...], output: str, tasks: tuple[str, ...], si
 
     previous = signal.signal(signal.SIGTERM, on_signal)  # farm schedulers stop jobs with SIGTERM
     try:
-        record = run_predict(options, stdin=click.get_text_stream("stdin"))
+        record = run_predict(options, stdin=sys.stdin)
     except (PlanError, SourceError, CheckpointError) as err:
         usage_fail(str(err))
     except HubError as err:

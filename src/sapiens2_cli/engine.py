@@ -125,6 +125,11 @@ class Runner:
             for name in self.queues:
                 self.flush(name, final=True)
             self.collect(self.pool.drain())
+        except KeyboardInterrupt:
+            # Stop taking items, but let the queued writes finish and count them: the files
+            # are atomic either way, and the record then matches what is on disk.
+            self.collect(self.pool.drain())
+            raise
         finally:
             self.pool.close()
             self.record.processing_s = time.perf_counter() - start

@@ -137,19 +137,31 @@ def pending_work(
     """Items with the tasks whose files are not all present (all tasks with ``overwrite``),
     and the number of items with nothing left to do.
 
-    Files are written atomically, so a present file is a complete one.
+    Files are written atomically, so a present file is a complete one. Temporary files left
+    by a killed run for these items are removed (this shard owns them).
     """
     from sapiens2_cli.tasks import TASKS
+    from sapiens2_cli.writers import part_path
 
     specs = {t: TASKS[t].files(fmt, vis) for t in tasks}
     work, skipped = [], 0
     for item in items:
-        todo = tuple(
-            t for t in tasks
-            if overwrite or not all(spec.path(output, t, item).exists() for spec in specs[t])
-        )  # fmt: skip
+        todo = []
+        for task in tasks:
+            paths = [spec.path(output, task, item) for spec in specs[task]]
+            for path in paths:
+                _remove(part_path(path))
+            if overwrite or not all(p.exists() for p in paths):
+                todo.append(task)
         if todo:
-            work.append(Work(item, todo))
+            work.append(Work(item, tuple(todo)))
         else:
             skipped += 1
     return work, skipped
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -12,8 +12,10 @@ Bad inputs and failing items are recorded and reported one line each; the others
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,9 +30,10 @@ from sapiens2_cli.runinfo import Digests, Failure, RunRecord, run_file_name, wri
 from sapiens2_cli.tasks import TASKS
 from sapiens2_cli.tasks.base import Raw, Task
 from sapiens2_cli.transforms import normalize
-from sapiens2_cli.writers import write_file
+from sapiens2_cli.writers import PART_SUFFIX, write_file
 
 LAYOUT_VERSION = 1  # the output tree documented in the README
+STALE_PART_S = 600.0
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -93,7 +96,10 @@ class Predictor:
             pixels = pixels.pin_memory()
         x = normalize(pixels.to(self.device, non_blocking=True))  # [B, 3, H, W] float32
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):  # fmt: skip
+                            enabled=self.autocast_dtype is not None), warnings.catch_warnings():  # fmt: skip
+            # Under autocast the float32 RMSNorm weights meet bf16 / fp16 activations, which
+            # only costs the fused kernel; torch warns about it on every call site.
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
             raw = self.task.forward(self._forward, x)
         raw = _float32(raw)
         return tuple(r[:n] for r in raw) if isinstance(raw, tuple) else raw[:n]
@@ -136,12 +142,17 @@ def load_tasks(options: PredictOptions, refs: dict[str, str], device: torch.devi
 
 
 def write_run_files(output: Path, tasks: dict[str, Task]) -> None:
-    """Per-task files written once (``OUT/seg/classes.json``); kept when already identical."""
-    import json
+    """Per-task files written once (``OUT/seg/classes.json``); kept when already identical.
 
+    Shards may write them at the same moment, so each writer uses its own temporary name;
+    such temporaries older than :data:`STALE_PART_S` can only come from a killed run and go.
+    """
     for name, task in tasks.items():
         for filename, content in task.run_files().items():
             path = output / name / filename
+            for stale in path.parent.glob(f".{filename}.*{PART_SUFFIX}"):
+                if time.time() - stale.stat().st_mtime > STALE_PART_S:
+                    stale.unlink(missing_ok=True)
             if path.is_file():
                 try:
                     if json.loads(path.read_text("utf-8")) == content.data:

@@ -133,7 +133,7 @@ class RunRecord:
 
 
 def write_run_json(path: Path, content: dict) -> None:
-    write_file(path, FileData("json", content), unique_temp=True)
+    write_file(path, FileData("json", content))  # one writer per name: each shard has its own
 
 
 def python_command() -> tuple[str, ...]:
