@@ -3,9 +3,10 @@
 Three kinds of threads, so that the model never waits on the disk or the CPU-side work:
 
 1. reader threads (:func:`readers.prefetch`): read, decode, and make each task's model inputs;
-2. the main thread: batches model inputs per task (any mix of images), runs the
-   :class:`~sapiens2_cli.predict.Predictor`, post-processes each finished image on the device;
-3. writer threads (:class:`writers.WriterPool`): render overlays, encode and write atomically.
+2. the main thread: batches model inputs per task (any mix of images) and runs the
+   :class:`~sapiens2_cli.predict.Predictor`, and nothing else;
+3. writer threads (:class:`writers.WriterPool`): post-process each finished image on the
+   model's device, render overlays, encode and write atomically.
 
 All bookkeeping (counts, failures, progress) happens on the main thread.
 """
@@ -114,6 +115,10 @@ class Runner:
         writers = max(2, workers // 2)
         self.pool = WriterPool(writers, max_pending=2 * writers + opts.batch_size)
         depth = max(2 * opts.batch_size, 2 * workers)
+        # The reader and writer threads are the parallelism; OpenCV's own worker pool on top
+        # would only compete with the model for the cores.
+        cv_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
         start = time.perf_counter()
         try:
             wait_start = time.perf_counter()
@@ -132,6 +137,7 @@ class Runner:
             raise
         finally:
             self.pool.close()
+            cv2.setNumThreads(cv_threads)
             self.record.processing_s = time.perf_counter() - start
 
     def accept(self, loaded: Loaded) -> None:
@@ -186,45 +192,45 @@ class Runner:
                 self.finish(state, name)
 
     def finish(self, state: ItemState, name: str) -> None:
-        """Post-process one image's outputs on the device and queue its files for writing."""
-        lt = self.tasks[name]
+        """Hand one image's raw outputs for ``name`` to a writer thread."""
+        self.collect(self.pool.submit(self.finish_job, state, name))
+
+    def finish_job(self, state: ItemState, name: str) -> tuple[ItemState, str, Failure | None, float, float]:
+        """Post-process on the model's device, render and write one image's files for one task.
+
+        Runs on a writer thread, so that the main thread goes straight on to the next batch.
+        On failure the files already written for this image and task are removed: an item is
+        either complete or absent (and redone by the next run).
+        """
+        task = self.tasks[name].task
+        path = str(state.work.item.path)
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                pred = lt.task.postprocess(state.raws[name], state.inputs[name], state.image.shape[:2])
+                pred = task.postprocess(state.raws[name], state.inputs[name], state.image.shape[:2])
         except (RuntimeError, ValueError) as err:
-            self.close_task(state, name, Failure(str(state.work.item.path), f"post-processing failed ({err})", name))
-            return
+            return state, name, Failure(path, f"post-processing failed ({err})", name), time.perf_counter() - t0, 0.0
         finally:
             state.raws[name] = []  # free device memory early
-            self.record.timings["postprocess"] += time.perf_counter() - t0
-        self.collect(self.pool.submit(self.write_job, state, name, pred))
-
-    def write_job(self, state: ItemState, name: str, pred: dict) -> tuple[ItemState, str, Failure | None, float]:
-        """Render and write one image's files for one task (runs on a writer thread).
-
-        On failure the files already written for this image and task are removed, so an item
-        is either complete or absent (and redone by the next run).
-        """
-        t0 = time.perf_counter()
-        task = self.tasks[name].task
+        t1 = time.perf_counter()
         written: list[Path] = []
         try:
             files = task.render(pred, state.image, self.options.fmt, self.options.vis)
             for spec, content in files.items():
-                path = spec.path(self.output, name, state.work.item)
-                write_file(path, content)
-                written.append(path)
+                target = spec.path(self.output, name, state.work.item)
+                write_file(target, content)
+                written.append(target)
         except ITEM_ERRORS as err:
-            for path in written:
-                path.unlink(missing_ok=True)
-            return state, name, Failure(str(state.work.item.path), f"cannot write outputs ({err})", name), 0.0
-        return state, name, None, time.perf_counter() - t0
+            for target in written:
+                target.unlink(missing_ok=True)
+            return state, name, Failure(path, f"cannot write outputs ({err})", name), t1 - t0, 0.0
+        return state, name, None, t1 - t0, time.perf_counter() - t1
 
     def collect(self, futures: list[Future]) -> None:
         for future in futures:
-            state, name, failure, seconds = future.result()
-            self.record.timings["write"] += seconds
+            state, name, failure, post_s, write_s = future.result()
+            self.record.timings["postprocess"] += post_s
+            self.record.timings["write"] += write_s
             self.close_task(state, name, failure)
 
     # ----------------------------------------------------------------- bookkeeping

@@ -2,9 +2,9 @@
 
 The loop overlaps everything that is not the model with the model: worker threads read,
 decode and pre-process images ahead (:func:`readers.prefetch`), the main thread batches model
-inputs of any images (they all have the model's input size), runs the model and the
-post-processing on its device, and writer threads render and write the files
-(:class:`writers.WriterPool`). Each image is decoded once for all tasks.
+inputs of any images (they all have the model's input size) and runs the model, and writer
+threads post-process each image on the model's device, render and write its files
+(:mod:`sapiens2_cli.engine`). Each image is decoded once for all tasks.
 
 Bad inputs and failing items are recorded and reported one line each; the others go on.
 """
