@@ -9,20 +9,22 @@ Both measurements use the same model file, batch size, device and precision:
   post-processing to image size and atomic writes; model loading excluded.
 
 ``overhead = forward_ips / e2e_ips - 1`` (0.05 means the pipeline runs 5% slower than the model).
-The two are measured in interleaved rounds and the best of each is kept, which cancels most of
-the noise of a shared machine.
+The two are measured in interleaved rounds; the reported speeds are the medians over rounds and
+the overhead the median of the per-round ratios (each round's two runs see about the same
+machine load, which matters on a shared machine).
 The model has random weights (the numbers depend on shapes only), built from an architecture
 name, saved to a temporary safetensors file with its input size.
 
 Example (the numbers in BENCHMARKS.md)::
 
-    python benchmarks/predict_overhead.py --arch small --task seg --images 8 --batch-size 2 --rounds 3
+    python benchmarks/predict_overhead.py --task seg      # small model, 384x288, 16 photos, batch 2, 5 rounds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -118,15 +120,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="small", choices=["small", *ARCHS], help="backbone (small: 384 wide, 12 layers)")
     parser.add_argument("--task", default="seg", choices=["seg", "normal", "albedo"])
-    parser.add_argument("--input-size", default="512x384", help="model input HxW")
+    parser.add_argument("--input-size", default="384x288", help="model input HxW")
     parser.add_argument("--image-size", default="1200x900", help="photo WxH")
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--format", default="exr", choices=["exr", "npy"])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurements; the best of each is kept")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurements (medians are reported)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: the model on one core, the pipeline on the others)")
     args = parser.parse_args()
@@ -143,19 +145,20 @@ def main() -> None:
         e2e_args = dict(task=args.task, batch_size=args.batch_size, device=args.device,
                         precision=args.precision, fmt=args.format, workers=args.workers)  # fmt: skip
         end_to_end(model_file, images, folder / "out", **e2e_args)  # warm-up: kernels, page cache
-        fwd_runs, e2e_runs, run = [], [], {}
+        fwd_runs, e2e_runs, records = [], [], []
         for _ in range(args.rounds):  # interleaved, so that both see the same machine load
             fwd_runs.append(forward.images_per_second())
             ips, record = end_to_end(model_file, images, folder / "out", **e2e_args)
-            if ips > max(e2e_runs, default=0.0):
-                run = record
             e2e_runs.append(ips)
-    fwd, e2e = max(fwd_runs), max(e2e_runs)
+            records.append(record)
+    run = records[e2e_runs.index(statistics.median_high(e2e_runs))]
+    fwd, e2e = statistics.median(fwd_runs), statistics.median(e2e_runs)
+    paired = statistics.median(f / e - 1 for f, e in zip(fwd_runs, e2e_runs))
     result = {
         "config": {**vars(args), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "forward_only_images_per_second": round(fwd, 4),
         "end_to_end_images_per_second": round(e2e, 4),
-        "overhead": round(fwd / e2e - 1, 4),
+        "overhead": round(paired, 4),
         "rounds": {"forward_only": [round(v, 4) for v in fwd_runs], "end_to_end": [round(v, 4) for v in e2e_runs]},
         "end_to_end_stage_seconds": run.get("timings_s"),
     }

@@ -12,10 +12,11 @@ from sapiens2_cli.exr import read_exr, write_exr
 from sapiens2_cli.writers import FileData, WriterPool, atomic_write, part_path, write_file
 
 
+@pytest.mark.parametrize("compression", ["none", "zip"])
 @pytest.mark.parametrize("names", [("X", "Y", "Z"), ("R", "G", "B"), ("Z", "A", "m")])
-def test_exr_round_trip_keeps_values_and_channel_order(tmp_path, names):
+def test_exr_round_trip_keeps_values_and_channel_order(tmp_path, names, compression):
     array = np.random.default_rng(0).standard_normal((7, 5, 3)).astype(np.float32)
-    write_exr(tmp_path / "a.exr", array, names)
+    write_exr(tmp_path / "a.exr", array, names, compression=compression)
     back, got = read_exr(tmp_path / "a.exr")
     assert got == list(names) and back.dtype == np.float32
     np.testing.assert_array_equal(back, array)

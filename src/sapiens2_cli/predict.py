@@ -206,6 +206,9 @@ def run_predict(options: PredictOptions, *, stdin: TextIO | None = None) -> RunR
             runner.run(work)
         except KeyboardInterrupt:
             record.status = "interrupted"
+        except BaseException:
+            record.status = "crashed"
+            raise
         finally:
             models = {n: {**lt.model_info, "digest": None} for n, lt in loaded.items()}
             for name, digest in digests.get().items():

@@ -66,10 +66,10 @@ class PointmapTask(Task):
         grid = (input_hw[0] // stride, input_hw[1] // stride)
         if pointmap_scale_inputs(head.scale_conv_out_channels[-1], grid) != head.scale_mlp[0]:
             raise ValueError(
-                f"this pointmap model's scale branch was built for another input size than "
-                f"{input_hw[0]}x{input_hw[1]} (it takes {head.scale_mlp[0]} features, this size gives "
-                f"{pointmap_scale_inputs(head.scale_conv_out_channels[-1], grid)}); "
-                f"run it at its own input size ({model.info.input_size[0]}x{model.info.input_size[1]})"
+                f"this pointmap model's scale branch takes {head.scale_mlp[0]} features but a "
+                f"{input_hw[0]}x{input_hw[1]} input gives "
+                f"{pointmap_scale_inputs(head.scale_conv_out_channels[-1], grid)}: pointmap models only run "
+                "at the input size they were built for (pass it with --input-size HxW)"
             )
 
     def prepare(self, image: np.ndarray, input_hw: tuple[int, int]) -> list[ModelInput]:
