@@ -45,6 +45,44 @@ def unbatch(raw: Any, i: int) -> Any:
     return tuple(r[i] for r in raw) if isinstance(raw, tuple) else raw[i]
 
 
+class ForwardTimer:
+    """Seconds spent in the model. CUDA kernels run asynchronously, so there the time comes
+    from events recorded around each forward (read at the end, without stalling the queue)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.events: list[tuple[Any, Any]] = []
+
+    def start(self, device: torch.device) -> Any:
+        if device.type == "cuda":
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            return begin
+        return time.perf_counter()
+
+    def stop(self, begin: Any) -> None:
+        if isinstance(begin, float):
+            self.seconds += time.perf_counter() - begin
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.events.append((begin, end))
+        if len(self.events) > 1000:  # keep the list short on long runs: read the finished ones
+            self.events[0][1].synchronize()
+            done = 0  # events on one stream complete in order
+            while done < len(self.events) and self.events[done][1].query():
+                done += 1
+            self.seconds += sum(b.elapsed_time(e) for b, e in self.events[:done]) / 1000
+            del self.events[:done]
+
+    def total(self) -> float:
+        for _, end in self.events:
+            end.synchronize()
+        seconds = self.seconds + sum(b.elapsed_time(e) for b, e in self.events) / 1000
+        self.seconds, self.events = seconds, []
+        return seconds
+
+
 @dataclasses.dataclass
 class Loaded:
     """What a reader thread hands over: the image and its model inputs per task, or the reason it failed."""
@@ -80,6 +118,7 @@ class Runner:
         self.options = options
         self.output = Path(options.output)
         self.queues: dict[str, list[tuple[ItemState, int]]] = {name: [] for name in tasks}
+        self.timer = ForwardTimer()
 
     # ----------------------------------------------------------------- reader threads
 
@@ -139,6 +178,7 @@ class Runner:
             self.pool.close()
             cv2.setNumThreads(cv_threads)
             self.record.processing_s = time.perf_counter() - start
+            self.record.timings["forward"] += self.timer.total()
 
     def accept(self, loaded: Loaded) -> None:
         self.record.timings["decode"] += loaded.decode_s
@@ -169,13 +209,11 @@ class Runner:
     def run_batch(self, name: str, batch: list[tuple[ItemState, int]]) -> None:
         lt = self.tasks[name]
         pixels = torch.from_numpy(np.stack([s.inputs[name][i].pixels for s, i in batch]))  # [B, H, W, 3]
-        t0 = time.perf_counter()
+        timer = self.timer.start(lt.predictor.device)
         try:
             raw = lt.predictor(pixels)
-            if lt.predictor.device.type == "cuda":
-                torch.cuda.synchronize(lt.predictor.device)
         except (RuntimeError, ValueError) as err:
-            self.record.timings["forward"] += time.perf_counter() - t0
+            self.timer.stop(timer)
             if len(batch) > 1:  # e.g. out of memory: retry one by one, so only the culprit fails
                 if lt.predictor.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -185,7 +223,7 @@ class Runner:
             state = batch[0][0]
             self.close_task(state, name, Failure(str(state.work.item.path), f"model failed ({err})", name))
             return
-        self.record.timings["forward"] += time.perf_counter() - t0
+        self.timer.stop(timer)
         for j, (state, i) in enumerate(batch):
             state.raws[name][i] = unbatch(raw, j)
             if all(r is not None for r in state.raws[name]):
