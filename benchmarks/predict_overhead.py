@@ -153,7 +153,7 @@ def main() -> None:
             records.append(record)
     run = records[e2e_runs.index(statistics.median_high(e2e_runs))]
     fwd, e2e = statistics.median(fwd_runs), statistics.median(e2e_runs)
-    paired = statistics.median(f / e - 1 for f, e in zip(fwd_runs, e2e_runs))
+    paired = statistics.median(f / e - 1 for f, e in zip(fwd_runs, e2e_runs, strict=True))
     result = {
         "config": {**vars(args), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "forward_only_images_per_second": round(fwd, 4),

@@ -60,7 +60,7 @@ def test_layout_of_every_task_with_overlays(photos, tmp_path, tiny_models, monke
                      f"albedo/{n}.exr", f"albedo/{n}.png"} | {f"vis/{t}/{n}.jpg" for t in ALL_TASKS}  # fmt: skip
     assert files_under(out) == expected
 
-    for n, (h, w) in zip(names, [(256, 256), (600, 512)]):
+    for n, (h, w) in zip(names, [(256, 256), (600, 512)], strict=True):
         labels = cv2.imread(str(out / "seg" / f"{n}.png"), cv2.IMREAD_UNCHANGED)
         assert labels.shape == (h, w) and labels.dtype == np.uint8 and labels.max() < 29
         normals, channels = read_exr(out / "normal" / f"{n}.exr")

@@ -43,7 +43,7 @@ def test_rendered_files_are_the_declared_files(name, tiny_models):
             paths = [spec.path(Path("OUT"), name, item) for spec in files]
             assert len(set(paths)) == len(paths)
             assert all(p.parts[:2] == ("OUT", "vis") if s.vis else p.parts[:2] == ("OUT", name)
-                       for p, s in zip(paths, files))  # fmt: skip
-            for spec, content in files.items():
+                       for p, s in zip(paths, files, strict=True))  # fmt: skip
+            for content in files.values():
                 if content.kind in ("png", "jpg", "npy", "exr"):
                     assert content.data.shape[0] == 300

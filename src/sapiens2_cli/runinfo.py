@@ -13,7 +13,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -135,7 +134,3 @@ class RunRecord:
 def write_run_json(path: Path, content: dict) -> None:
     write_file(path, FileData("json", content))  # one writer per name: each shard has its own
 
-
-def python_command() -> tuple[str, ...]:
-    """The command line as typed (program name first)."""
-    return (os.path.basename(sys.argv[0]), *sys.argv[1:])

@@ -188,20 +188,22 @@ def unique_sorted(items: Iterable[Item]) -> list[Item]:
     return [by_rel[rel] for rel in sorted(by_rel)]
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
-    return path == folder or folder in path.parents
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def check_output_dir(out: Path, collection: Collection) -> None:
     """Refuse an output folder inside an input tree, and inputs inside the output folder."""
+    out_real, out_abs = os.path.realpath(out), os.path.abspath(out)
     for root in collection.folder_roots:
-        if _inside(out, root):
+        if _inside(out_real, os.path.realpath(root)) or _inside(out_abs, os.path.abspath(root)):
             raise SourceError(
                 f"the output folder {out} is inside the input folder {root}; "
                 "choose an output folder outside the input tree"
             )
-    inside = [str(i.path) for i in collection.items if _inside(i.path, out)]
+    # abspath only (no file-system calls per item): lists may name millions of files
+    inside = [str(i.path) for i in collection.items if _inside(os.path.abspath(i.path), out_abs)
+              or _inside(os.path.abspath(i.path), out_real)]  # fmt: skip
     if inside:
         raise SourceError(f"inputs lie inside the output folder {out}: {', '.join(inside[:3])}")
 
