@@ -39,3 +39,24 @@ def make_fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commi
     for name, src in files.items():
         (snap / name).symlink_to(Path(src).resolve())
     return snap
+
+
+TINY_INPUT_SIZES = {"seg": (128, 96), "normal": (128, 96), "albedo": (128, 96), "pointmap": (144, 80)}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """The parity models of the dense tasks saved with our metadata, their input size included,
+    so that ``--input-size`` can be left out: task -> file."""
+    import dataclasses
+
+    from sapiens2_cli import load_model
+    from sapiens2_cli.weights import save_model
+
+    folder = tmp_path_factory.mktemp("tiny_models")
+    out = {}
+    for task, size in TINY_INPUT_SIZES.items():
+        model = load_model(FIXTURES / "parity" / task / "model.safetensors")
+        model.info = dataclasses.replace(model.info, input_size=size)
+        out[task] = save_model(model, folder / f"{task}.safetensors")
+    return out

@@ -7,10 +7,13 @@ Exit codes: 0 success, 1 some item or the job failed, 2 usage error.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from sapiens2_cli import __version__
+from sapiens2_cli.plan import DEFAULT_SIZE, FORMATS, PRECISIONS, PREDICT_SIZES
+from sapiens2_cli.tasks import TASK_NAMES
 
 EXIT_FAILED = 1
 
@@ -21,7 +24,18 @@ def fail(message: str) -> None:
     sys.exit(EXIT_FAILED)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The root group; keeps the raw arguments so that a run can record its own command line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGV_KEY] = list(args)
+        return super().parse_args(ctx, args)
+
+
+ARGV_KEY = "sapiens2.argv"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sapiens2")
 def main() -> None:
     """Run Meta's Sapiens2 models: predict, fine-tune, pretrain and export."""
@@ -299,3 +313,93 @@ def export_cmd(
     files = ", ".join(map(str, result.files))
     click.echo(f"wrote {files} (max|diff| {result.max_abs:.3g}, relative {result.max_rel:.3g})")
     click.echo(f"check: {result.sidecar}")
+EXIT_USAGE = 2
+
+
+def usage_fail(message: str) -> None:
+    """Print ``error: message`` on stderr and exit 2 (a usage error)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-t", "--task", "tasks", multiple=True, type=click.Choice(TASK_NAMES),
+              help="Task to run; repeat for several (each image is decoded once).")
+@click.option("--size", default=DEFAULT_SIZE, show_default=True, type=click.Choice(PREDICT_SIZES),
+              help="Zoo model size for tasks without --checkpoint.")
+@click.option("--checkpoint", "checkpoints", multiple=True, metavar="[TASK=]REF",
+              help="Zoo name, Hub repo id or local file; TASK=REF when several tasks run.")
+@click.option("--input-size", metavar="HxW", help="Model input size (default: the model's, 1024x768).")
+@click.option("--format", "fmt", default="exr", show_default=True, type=click.Choice(FORMATS),
+              help="Dense maps as EXR or NPY.")
+@click.option("--vis", is_flag=True, help="Also write overlays under OUT/vis/<task>/.")
+@click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of folder inputs.")
+@click.option("-b", "--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", type=click.IntRange(min=0), help="Reader threads (writers: half). Default: from the CPU count.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS))
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (static batch).")
+@click.option("--skip-existing/--overwrite", "skip_existing", default=True, show_default=True,
+              help="Skip images whose outputs all exist, or redo everything.")
+@click.option("--shard", metavar="i/N", help="Process every N-th image from the i-th (0-based); "
+              "default: the SLURM array task when there is one.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress; failures are still printed.")
+def predict_cmd(inputs: tuple[str, ...], output: str, tasks: tuple[str, ...], size: str,
+                checkpoints: tuple[str, ...], input_size: str | None, fmt: str, vis: bool, recursive: bool,
+                batch_size: int, workers: int | None, device: str, precision: str, compile_: bool,
+                skip_existing: bool, shard: str | None, quiet: bool) -> None:  # fmt: skip
+    """Run seg / normal / pointmap / albedo on images: files, folders, globs, .txt lists or - (stdin).
+
+    Outputs go to OUT/<task>/<input path relative to its root>.<ext>, with OUT/run.json
+    describing the run. Exit 0 when every image succeeded, 1 when any failed, 2 on usage errors.
+    """
+    import signal
+
+    from sapiens2_cli.hub import HubError
+    from sapiens2_cli.plan import PlanError, PredictOptions, parse_input_size
+    from sapiens2_cli.sources import SourceError, parse_shard
+
+    try:
+        options = PredictOptions(
+            inputs=inputs, output=Path(output), tasks=tasks, size=size, checkpoints=checkpoints,
+            input_size=parse_input_size(input_size) if input_size else None, fmt=fmt, vis=vis,
+            recursive=recursive, batch_size=batch_size, workers=workers, device=device,
+            precision=precision, compile=compile_, overwrite=not skip_existing,
+            shard=parse_shard(shard) if shard else None, quiet=quiet,
+            command=("sapiens2", *click.get_current_context().meta.get(ARGV_KEY, sys.argv[1:])),
+        )  # fmt: skip
+    except (PlanError, SourceError) as err:
+        usage_fail(str(err))
+
+    from sapiens2_cli.predict import run_predict
+    from sapiens2_cli.weights import CheckpointError
+
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)  # farm schedulers stop jobs with SIGTERM
+    try:
+        record = run_predict(options, stdin=sys.stdin)
+    except (PlanError, SourceError, CheckpointError) as err:
+        usage_fail(str(err))
+    except HubError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        sys.exit(128 + (received[0] if received else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if record.status == "interrupted":
+        click.echo("interrupted: outputs written so far are complete; run again to resume", err=True)
+        sys.exit(128 + (received[0] if received else signal.SIGINT))
+    if not quiet:
+        click.echo(
+            f"done: {record.ok} ok, {record.skipped} skipped, {record.failed} failed "
+            f"of {record.total} -> {output}", err=True,
+        )  # fmt: skip
+    sys.exit(EXIT_FAILED if record.failed else 0)
+

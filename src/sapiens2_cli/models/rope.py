@@ -56,7 +56,11 @@ class RopePositionEmbedding(nn.Module):
         return cached
 
     def tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sin, cos)`` for an ``h x w`` patch grid, computed afresh (no cache)."""
+        """``(sin, cos)`` for an ``h x w`` patch grid, computed afresh (no cache, no autocast)."""
+        with torch.autocast(self.periods.device.type, enabled=False):
+            return self._tables(h, w)
+
+    def _tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         dd = {"device": self.periods.device, "dtype": ROPE_DTYPE}
         ys = torch.arange(0.5, h, **dd) / h  # [h]
         xs = torch.arange(0.5, w, **dd) / w  # [w]
@@ -92,18 +96,21 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     if sin.dtype == torch.float32:
         return _apply_rope_rounded(x, sin, cos)
     dtype = x.dtype
-    x = x.to(sin.dtype)
-    prefix = x.shape[-2] - sin.shape[-2]
-    patches = x[:, :, prefix:]
-    rotated = patches * cos + _rotate_half(patches) * sin
-    return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
+    # The rotation is bf16 by design: autocast (fp16 in particular) must not re-type it.
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(sin.dtype)
+        prefix = x.shape[-2] - sin.shape[-2]
+        patches = x[:, :, prefix:]
+        rotated = patches * cos + _rotate_half(patches) * sin
+        return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
 
 
 def _apply_rope_rounded(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """``apply_rope`` in float32 with explicit bf16 rounding (tables float32, bf16-valued)."""
     dtype = x.dtype
-    x = round_bf16(x.float())
-    prefix = x.shape[-2] - sin.shape[-2]
-    patches = x[:, :, prefix:]
-    rotated = round_bf16(round_bf16(patches * cos) + round_bf16(_rotate_half(patches) * sin))
-    return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        x = round_bf16(x.float())
+        prefix = x.shape[-2] - sin.shape[-2]
+        patches = x[:, :, prefix:]
+        rotated = round_bf16(round_bf16(patches * cos) + round_bf16(_rotate_half(patches) * sin))
+        return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)

@@ -1,0 +1,107 @@
+"""What a task is to the predictor: geometry in, post-processing and files out.
+
+One image gives one or more model inputs (:meth:`Task.prepare`); a dense task makes one, a
+top-down pose task one crop per person. The run loop batches model inputs of any images
+together (they all have the model's input size), runs :meth:`Task.forward`, and hands all the
+raw outputs of one image back to :meth:`Task.postprocess` with the inputs they came from.
+:meth:`Task.render` turns the prediction into the files of :meth:`Task.files`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import cv2
+import numpy as np
+
+from sapiens2_cli.writers import FileData, FileKind
+
+if TYPE_CHECKING:
+    import torch
+
+    from sapiens2_cli.models.sapiens2 import Sapiens2Model
+    from sapiens2_cli.sources import Item
+
+OutputFormat = Literal["exr", "npy"]
+Raw = Any  # one sample's raw model output: a tensor [C, H, W] or a tuple of tensors
+Prediction = dict[str, Any]  # named numpy arrays and numbers, on the CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+    """One model input made from an image: pixels at the model's input size and the geometry
+    needed to map its output back (a :class:`~sapiens2_cli.transforms.Placement` for dense tasks)."""
+
+    pixels: np.ndarray  # [H_in, W_in, 3] uint8 BGR
+    geometry: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSpec:
+    """One file an item produces: ``OUT/<task>/<rel><ext>`` or, for overlays, ``OUT/vis/<task>/<rel><ext>``."""
+
+    ext: str
+    kind: FileKind
+    vis: bool = False
+
+    def path(self, out: Path, task: str, item: Item) -> Path:
+        base = out / "vis" / task if self.vis else out / task
+        return item.output(base, self.ext)
+
+
+VIS_FILE = FileSpec(".jpg", "jpg", vis=True)
+
+
+class Task(abc.ABC):
+    """A prediction task; the instances live in :data:`sapiens2_cli.tasks.TASKS`."""
+
+    name: ClassVar[str]  # also the task of the checkpoint it runs
+
+    @abc.abstractmethod
+    def files(self, fmt: OutputFormat, vis: bool) -> list[FileSpec]:
+        """The files one item produces (skip-existing looks for exactly these)."""
+
+    def run_files(self) -> dict[str, FileData]:
+        """Files written once per run under ``OUT/<task>/`` (name -> content)."""
+        return {}
+
+    def check_input_size(self, model: Sapiens2Model, input_hw: tuple[int, int]) -> None:
+        """Raise ``ValueError`` when ``model`` cannot run at ``input_hw`` ``(H, W)``."""
+        stride = model.backbone.arch.stride
+        if input_hw[0] % stride or input_hw[1] % stride:
+            raise ValueError(f"input size {input_hw[0]}x{input_hw[1]} is not a multiple of {stride}")
+
+    @abc.abstractmethod
+    def prepare(self, image: np.ndarray, input_hw: tuple[int, int]) -> list[ModelInput]:
+        """Model inputs of one ``[H, W, 3]`` uint8 BGR image (CPU, called from worker threads)."""
+
+    def forward(self, model: Sapiens2Model, x: torch.Tensor) -> Any:
+        """Raw output for a normalised batch ``[B, 3, H_in, W_in]`` (batch-first tensors)."""
+        return model(x)
+
+    @abc.abstractmethod
+    def postprocess(self, raws: list[Raw], inputs: list[ModelInput], image_hw: tuple[int, int]) -> Prediction:
+        """The prediction of one image from the raw outputs of all its model inputs.
+
+        ``raws[i]`` (float32, on the model's device) belongs to ``inputs[i]``. Runs on that
+        device; the returned arrays are numpy on the CPU.
+        """
+
+    @abc.abstractmethod
+    def render(self, pred: Prediction, image: np.ndarray, fmt: OutputFormat, vis: bool) -> dict[FileSpec, FileData]:
+        """File contents for :meth:`files` (same keys). ``image`` is the BGR input, for overlays."""
+
+
+def side_by_side(image: np.ndarray, panel: np.ndarray) -> np.ndarray:
+    """``[original | panel]`` (both ``[H, W, 3]`` uint8 BGR) -> ``[H, 2W, 3]``."""
+    return np.concatenate([image, panel], axis=1)
+
+
+def put_label(canvas: np.ndarray, text: str, origin: tuple[int, int], scale: float) -> None:
+    """White text with a dark outline at ``origin`` (x, y of the baseline), in place."""
+    thickness = max(1, round(scale * 2))
+    cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
