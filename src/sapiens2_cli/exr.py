@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -21,8 +22,9 @@ _CONVENTIONAL = ("R", "G", "B", "A", "X", "Y", "Z")
 
 def write_exr(
     path: str | os.PathLike, array: np.ndarray, channel_names: Sequence[str], *, compression: str = "none"
-) -> None:
-    """Write ``array`` ``[H, W, C]`` (float32, or float16 for half channels) as channels ``channel_names``.
+) -> Path:
+    """Write ``array`` ``[H, W, C]`` or ``[H, W]`` (float32, or float16 for half channels) as channels
+    ``channel_names``, atomically (a temporary file in the same folder, then a rename).
 
     ``compression``: ``"none"``, ``"zip"``, ``"zips"``, ``"piz"`` or ``"rle"`` (all lossless).
     """
@@ -34,26 +36,39 @@ def write_exr(
     }  # fmt: skip
     if compression not in codecs:
         raise ValueError(f"unknown EXR compression {compression!r}; choose from {', '.join(codecs)}")
-
-    if array.ndim != 3 or array.shape[2] != len(channel_names):
-        raise ValueError(f"array of shape {array.shape} does not match channels {list(channel_names)}")
+    path = Path(path)
+    names = list(channel_names)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise ValueError(f"{path}: EXR data must be H x W or H x W x C, got shape {array.shape}")
+    if array.shape[2] != len(names):
+        raise ValueError(f"{path}: {len(names)} channel names {names} for an array with {array.shape[2]} channels")
+    if len(set(names)) != len(names) or any("," in n for n in names):
+        raise ValueError(f"{path}: channel names must be distinct and free of commas: {names}")
     if array.dtype not in (np.float32, np.float16):
-        raise ValueError(f"EXR channels must be float32 or float16, got {array.dtype}")
-    if len(set(channel_names)) != len(channel_names) or any("," in n for n in channel_names):
-        raise ValueError(f"channel names must be unique and free of commas: {list(channel_names)}")
-    channels = {name: np.ascontiguousarray(array[..., i]) for i, name in enumerate(channel_names)}
+        raise ValueError(f"{path}: EXR channels must be float32 or float16, got {array.dtype}")
+    channels = {name: np.ascontiguousarray(array[..., i]) for i, name in enumerate(names)}
     header = {
         "compression": codecs[compression],
         "type": OpenEXR.scanlineimage,
-        ORDER_ATTRIBUTE: ",".join(channel_names),
+        ORDER_ATTRIBUTE: ",".join(names),
     }
-    OpenEXR.File(header, channels).write(os.fspath(path))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        OpenEXR.File(header, channels).write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def read_exr(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     """Read a single-part EXR as ``([H, W, C] array, channel names)`` in the written order."""
     import OpenEXR
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such EXR file")
     try:
         f = OpenEXR.File(os.fspath(path), separate_channels=True)
     except RuntimeError as err:
@@ -65,4 +80,4 @@ def read_exr(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     else:
         names = [n for n in _CONVENTIONAL if n in channels]
         names += sorted(n for n in channels if n not in _CONVENTIONAL)
-    return np.stack([channels[n] for n in names], axis=-1), names
+    return np.stack([channels[n] for n in names], axis=-1).astype(np.float32, copy=False), names
