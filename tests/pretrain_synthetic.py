@@ -9,10 +9,13 @@ flips keep it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
+import torch
 
 CLASSES = ("vertical", "horizontal", "diagonal", "circle")
 
@@ -56,3 +59,13 @@ def write_folder(root: Path, images: np.ndarray, *, per_dir: int = 50) -> list[P
         cv2.imwrite(str(path), img)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """Run a test on one intra-op thread: same arithmetic on every machine, and no
+    oversubscription of a shared CPU (two threads made these tiny models 4x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

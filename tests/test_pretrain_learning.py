@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from pretrain_synthetic import make_images, single_thread, write_folder  # noqa: F401 - autouse fixture
 
-from pretrain_synthetic import make_images, write_folder
 from sapiens2_cli.pretrain.augment import to_tensor
 from sapiens2_cli.pretrain.config import load_recipe
 from sapiens2_cli.pretrain.model import PretrainModel
@@ -27,7 +26,7 @@ def tiny_run(tmp_path_factory) -> dict:
     write_folder(root / "data", images)
     cfg = load_recipe("tiny")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same arithmetic on every machine, no oversubscription
+    torch.set_num_threads(1)  # module-scoped, so set here: see pretrain_synthetic.single_thread
     try:
         start = time.perf_counter()
         train(cfg, root / "data", root / "run")

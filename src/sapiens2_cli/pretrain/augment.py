@@ -37,8 +37,8 @@ def random_resized_crop(
     for _ in range(CROP_ATTEMPTS):
         target = area * rng.uniform(*scale)
         aspect = base * math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
+        cw = round(math.sqrt(target * aspect))
+        ch = round(math.sqrt(target / aspect))
         if 0 < cw <= iw and 0 < ch <= ih:
             top = int(rng.integers(0, ih - ch + 1))
             left = int(rng.integers(0, iw - cw + 1))
@@ -62,7 +62,7 @@ def color_jitter(image: np.ndarray, cfg: CropSection, rng: np.random.Generator) 
     gray = cv2.cvtColor(x.astype(np.uint8), cv2.COLOR_BGR2GRAY).astype(np.float32)[..., None]
     x = np.clip((x - gray) * rng.uniform(1 - cfg.saturation, 1 + cfg.saturation) + gray, 0, 255)
     hsv = cv2.cvtColor(x.astype(np.uint8), cv2.COLOR_BGR2HSV)
-    shift = int(round(rng.uniform(-cfg.hue, cfg.hue) * 180))  # OpenCV hue unit: 2 degrees
+    shift = round(rng.uniform(-cfg.hue, cfg.hue) * 180)  # OpenCV hue unit: 2 degrees
     hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 

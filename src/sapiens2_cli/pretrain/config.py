@@ -187,7 +187,7 @@ def _plain(x: Any) -> Any:
 
 def _build(cls: type, d: Mapping[str, Any], where: str) -> Any:
     if not isinstance(d, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+        raise TypeError(f"{where}: expected a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

@@ -35,7 +35,7 @@ class Masks:
 
 def num_masked(num_cells: int, ratio: float) -> int:
     """``round(ratio * num_cells)``, kept within ``[1, num_cells - 1]`` so both sides exist."""
-    return min(max(int(round(ratio * num_cells)), 1), num_cells - 1)
+    return min(max(round(ratio * num_cells), 1), num_cells - 1)
 
 
 def random_mask(h: int, w: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -56,7 +56,8 @@ def block_mask(
 ) -> torch.Tensor:
     """``[h*w]`` bool with exactly ``count`` True cells, laid out as rectangles.
 
-    Each block draws a target area in ``[min_block, still needed]`` and a log-uniform aspect
+    Each block draws a target area in ``[min_block, min(still needed, h*w/2)]`` (the half-grid
+    cap is DINOv2's: one rectangle never swallows the whole mask) and a log-uniform aspect
     ratio in ``[aspect, 1/aspect]``; a rectangle is accepted when it adds at least one and at
     most the still-needed number of cells. When ``BLOCK_ATTEMPTS`` draws in a row fail, the
     remainder is filled with random unmasked cells so the count is exact.
@@ -69,10 +70,10 @@ def block_mask(
         added = 0
         for _ in range(BLOCK_ATTEMPTS):
             need = count - done
-            area = rng.uniform(min(min_block, need), need)
+            area = rng.uniform(min(min_block, need), max(min(need, h * w // 2), 1))
             ratio = math.exp(rng.uniform(log_lo, log_hi))
-            bh = int(round(math.sqrt(area * ratio)))
-            bw = int(round(math.sqrt(area / ratio)))
+            bh = round(math.sqrt(area * ratio))
+            bw = round(math.sqrt(area / ratio))
             if not (1 <= bh <= h and 1 <= bw <= w):
                 continue
             top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)

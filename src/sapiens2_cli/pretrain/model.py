@@ -30,7 +30,12 @@ from sapiens2_cli.models.layers import LayerScale
 from sapiens2_cli.models.sapiens2 import ModelInfo, Sapiens2Model
 from sapiens2_cli.pretrain.config import PretrainConfig
 from sapiens2_cli.pretrain.heads import DINOHead, MAEDecoder, reconstruction_target
-from sapiens2_cli.pretrain.losses import DINOLoss, koleo_loss, norm_pix_loss, weighted_total
+from sapiens2_cli.pretrain.losses import (
+    DINOLoss,
+    koleo_loss,
+    norm_pix_loss,
+    weighted_total,
+)
 from sapiens2_cli.pretrain.schedules import teacher_momentum, teacher_temperature
 
 NO_DECAY_NAMES = ("cls_token", "storage_tokens", "mask_token", "pos_embed", "w_cls")

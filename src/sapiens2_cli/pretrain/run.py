@@ -107,7 +107,7 @@ def train(
             optimizer.step()
             momentum = model.momentum(it)
             model.update_teacher(momentum)
-            row = {"step": it + 1, **{k: float(v) for k, v in terms.items()}}
+            row = {"step": it + 1, **{k: float(v.detach()) for k, v in terms.items()}}
             row.update(lr=lr, momentum=momentum, grad_norm=float(grad_norm), time=time.perf_counter() - t0)
             row.update(stream.counts())
             if (it + 1) % cfg.data.log_every == 0 or it + 1 == stop:

@@ -9,7 +9,7 @@ directory that sorts before it, so seeking costs one listing per directory level
 Units: an image file (folder datasets) or a ``.tar`` shard in WebDataset layout (members
 ``<key>.<ext>``; the key is the member path up to the first dot of its base name; the first
 image member of each key is the sample, other members such as ``.json`` or ``.cls`` are
-ignored). Tars are read with ``tarfile`` in streaming mode (``r|*``), never seeked.
+ignored). Tars (uncompressed) are read with ``tarfile`` in streaming mode (``r|``), never seeked.
 """
 
 from __future__ import annotations
@@ -76,12 +76,15 @@ def tar_samples(path: Path, *, skip: int = 0) -> Iterator[tuple[str, bytes | Non
     """``(key, encoded image bytes)`` for each sample of a WebDataset tar, in member order.
 
     The first ``skip`` samples are read past without returning their bytes. Raises
-    ``ShardError`` when the archive is unreadable or truncated.
+    ``ShardError`` when the archive is unreadable or truncated (``tarfile`` in streaming mode
+    reads a header cut short as the end of the archive, so the bytes left over after the last
+    member are checked too: a complete tar ends on a 512-byte block boundary).
     """
     index = 0
     last_key = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        size = os.path.getsize(path)
+        with tarfile.open(path, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -97,6 +100,8 @@ def tar_samples(path: Path, *, skip: int = 0) -> Iterator[tuple[str, bytes | Non
                     f = tar.extractfile(member)
                     yield key, f.read() if f is not None else None
                 index += 1
+            if tar.offset > size or (size - tar.offset) % tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"truncated: {size} bytes, last header at {tar.offset}")
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ShardError(f"{path}: unreadable tar shard ({err})") from err
 
