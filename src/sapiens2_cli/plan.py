@@ -77,10 +77,14 @@ def parse_input_size(text: str) -> tuple[int, int]:
 
 def checkpoint_task(ref: str) -> str:
     """The task a checkpoint holds, read from its tensors (the Hub is asked when ``ref`` is remote)."""
+    from sapiens2_cli.runtimes import artifact_format, load_artifact
     from sapiens2_cli.weights import describe, read_header, resolve
 
-    resolved = resolve(ref)
-    task = describe(read_header(resolved.path), resolved.record).task
+    if artifact_format(ref) in ("onnx", "pt2"):
+        task = load_artifact(ref).task
+    else:
+        resolved = resolve(ref)
+        task = describe(read_header(resolved.path), resolved.record).task
     if task not in TASK_NAMES:
         raise PlanError(f"{ref}: holds a {task} model; predict runs {', '.join(TASK_NAMES)}")
     return task

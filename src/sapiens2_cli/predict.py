@@ -105,6 +105,16 @@ class Predictor:
         return tuple(r[:n] for r in raw) if isinstance(raw, tuple) else raw[:n]
 
 
+def open_model(ref: str, *, task: str, device: torch.device):  # noqa: ANN201 - model or artifact
+    """Our model for a checkpoint reference, or an exported ``.onnx`` / ``.pt2`` run by its runtime."""
+    from sapiens2_cli.runtimes import artifact_format, load_artifact
+    from sapiens2_cli.weights import load_model
+
+    if artifact_format(ref) in ("onnx", "pt2"):
+        return load_artifact(ref, device=device, task=task)
+    return load_model(ref, task=task, device=device)
+
+
 @dataclasses.dataclass
 class LoadedTask:
     """A task ready to run: its model, predictor, input size and where its model came from."""
@@ -117,12 +127,10 @@ class LoadedTask:
 
 def load_tasks(options: PredictOptions, refs: dict[str, str], device: torch.device) -> dict[str, LoadedTask]:
     """Load each task's model and check that it runs at the requested input size."""
-    from sapiens2_cli.weights import load_model
-
     loaded = {}
     for name, ref in refs.items():
-        task = TASKS[name]
-        model = load_model(ref, task=name, device=device)
+        model = open_model(ref, task=name, device=device)
+        task = TASKS[name].for_model(model)
         input_hw = options.input_size or tuple(model.info.input_size)
         try:
             task.check_input_size(model, input_hw)
@@ -135,8 +143,10 @@ def load_tasks(options: PredictOptions, refs: dict[str, str], device: torch.devi
         info = model.info
         loaded[name] = LoadedTask(task, predictor, input_hw, {
             "reference": ref, "path": info.path, "size": info.size,
+            "format": getattr(info, "format", "safetensors"),
             "input_size_hw": list(input_hw), "model_input_size_hw": list(info.input_size),
-            "embed_dims": info.arch.embed_dims, "num_layers": info.arch.num_layers,
+            "embed_dims": info.arch.embed_dims if info.arch else None,
+            "num_layers": info.arch.num_layers if info.arch else None,
         })  # fmt: skip
     return loaded
 
@@ -191,7 +201,7 @@ def run_predict(options: PredictOptions, *, stdin: TextIO | None = None) -> RunR
     record.timings["load_models"] = time.perf_counter() - t0
     digests = Digests({n: lt.model_info["path"] for n, lt in loaded.items()})
     output.mkdir(parents=True, exist_ok=True)
-    write_run_files(output, {n: TASKS[n] for n in refs})
+    write_run_files(output, {n: loaded[n].task if n in loaded else TASKS[n] for n in refs})
 
     with Progress(record.total, quiet=options.quiet) as progress:
         for problem in collection.problems:

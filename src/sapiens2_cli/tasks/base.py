@@ -64,13 +64,17 @@ class Task(abc.ABC):
     def files(self, fmt: OutputFormat, vis: bool) -> list[FileSpec]:
         """The files one item produces (skip-existing looks for exactly these)."""
 
+    def for_model(self, model: Any) -> Task:
+        """This task bound to ``model`` (e.g. a fine-tune's own class names); the default is ``self``."""
+        return self
+
     def run_files(self) -> dict[str, FileData]:
         """Files written once per run under ``OUT/<task>/`` (name -> content)."""
         return {}
 
     def check_input_size(self, model: Sapiens2Model, input_hw: tuple[int, int]) -> None:
         """Raise ``ValueError`` when ``model`` cannot run at ``input_hw`` ``(H, W)``."""
-        stride = model.backbone.arch.stride
+        stride = model.info.arch.stride if model.info.arch is not None else 16
         if input_hw[0] % stride or input_hw[1] % stride:
             raise ValueError(f"input size {input_hw[0]}x{input_hw[1]} is not a multiple of {stride}")
 

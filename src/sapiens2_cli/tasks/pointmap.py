@@ -62,13 +62,13 @@ class PointmapTask(Task):
     def check_input_size(self, model: Sapiens2Model, input_hw: tuple[int, int]) -> None:
         super().check_input_size(model, input_hw)
         head = model.info.head
-        stride = model.backbone.arch.stride
+        stride = model.info.arch.stride if model.info.arch is not None else 16
         grid = (input_hw[0] // stride, input_hw[1] // stride)
-        if pointmap_scale_inputs(head.scale_conv_out_channels[-1], grid) != head.scale_mlp[0]:
+        given = pointmap_scale_inputs(head.scale_conv_out_channels[-1], grid, len(head.scale_conv_out_channels))
+        if given != head.scale_mlp[0]:
             raise ValueError(
                 f"this pointmap model's scale branch takes {head.scale_mlp[0]} features but a "
-                f"{input_hw[0]}x{input_hw[1]} input gives "
-                f"{pointmap_scale_inputs(head.scale_conv_out_channels[-1], grid)}: pointmap models only run "
+                f"{input_hw[0]}x{input_hw[1]} input gives {given}: pointmap models only run "
                 "at the input size they were built for (pass it with --input-size HxW)"
             )
 

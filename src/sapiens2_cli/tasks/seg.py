@@ -10,6 +10,7 @@ the palette once per run.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 import json
 from importlib import resources
 from typing import Any
@@ -29,15 +30,42 @@ ARGMAX_CHUNK_BYTES = 1 << 28
 
 
 @functools.cache
-def classes() -> list[dict[str, Any]]:
-    """The 29 classes: ``{"id", "name", "color_rgb"}`` in id order."""
+def released_classes() -> tuple[dict[str, Any], ...]:
+    """The 29 released classes: ``{"id", "name", "color_rgb"}`` in id order."""
     text = resources.files("sapiens2_cli").joinpath("data/seg29_classes.json").read_text("utf-8")
-    return [{"id": c["index"], "name": c["name"], "color_rgb": c["color_rgb"]} for c in json.loads(text)["classes"]]
+    return tuple(
+        {"id": c["index"], "name": c["name"], "color_rgb": c["color_rgb"]} for c in json.loads(text)["classes"]
+    )
 
 
-def palette_bgr() -> np.ndarray:
-    """``[29, 3]`` uint8 class colours in BGR order."""
-    return np.array([c["color_rgb"][::-1] for c in classes()], dtype=np.uint8)
+def class_table(names: Sequence[str] | None = None) -> tuple[dict[str, Any], ...]:
+    """Classes for a model predicting ``names`` (None: the released 29). A released class name
+    keeps its official colour; other classes get distinct generated colours."""
+    released = released_classes()
+    if names is None or list(names) == [c["name"] for c in released]:
+        return released
+    official = {c["name"]: c["color_rgb"] for c in released}
+    table = []
+    for i, name in enumerate(names):
+        hue = int((i * 0.618033988749895 % 1.0) * 180)  # golden-ratio hues, OpenCV's 0..179
+        rgb = cv2.cvtColor(np.uint8([[[hue, 200, 230]]]), cv2.COLOR_HSV2RGB)[0, 0].tolist()
+        table.append({"id": i, "name": str(name), "color_rgb": official.get(name, rgb)})
+    return tuple(table)
+
+
+def model_class_names(info: Any, channels: int) -> tuple[str, ...] | None:
+    """Class names stored with a checkpoint or artifact (None: the released ones apply)."""
+    names = getattr(info, "labels", ()) or ()
+    if not names and "class_names" in getattr(info, "metadata", {}):
+        names = tuple(json.loads(info.metadata["class_names"]))
+    if names:
+        return tuple(names)
+    return None if channels == len(released_classes()) else tuple(f"class_{i}" for i in range(channels))
+
+
+def palette_bgr(table: Sequence[dict[str, Any]] | None = None) -> np.ndarray:
+    """``[C, 3]`` uint8 class colours in BGR order."""
+    return np.array([c["color_rgb"][::-1] for c in (table or released_classes())], dtype=np.uint8)
 
 
 def logits_to_labels(
@@ -64,7 +92,7 @@ def logits_to_labels(
     return best_idx
 
 
-def legend(labels_present: list[int], height: int) -> np.ndarray:
+def legend(labels_present: list[int], height: int, table: Sequence[dict[str, Any]] | None = None) -> np.ndarray:
     """A ``[height, w, 3]`` BGR panel listing the colour and name of each class present
     (in as many columns as the height needs)."""
     row = max(12, height // 31)
@@ -72,8 +100,9 @@ def legend(labels_present: list[int], height: int) -> np.ndarray:
     columns = max(1, -(-len(labels_present) // per_column))
     width = row * 11
     panel = np.full((height, width * columns, 3), 32, np.uint8)
-    colours = palette_bgr()
-    names = {c["id"]: c["name"] for c in classes()}
+    table = table or released_classes()
+    colours = palette_bgr(table)
+    names = {c["id"]: c["name"] for c in table}
     for i, label in enumerate(labels_present):
         x = (i // per_column) * width + row // 2
         y = row // 2 + (i % per_column) * row
@@ -85,12 +114,22 @@ def legend(labels_present: list[int], height: int) -> np.ndarray:
 class SegTask(Task):
     name = "seg"
 
+    def __init__(self, classes: Sequence[dict[str, Any]] | None = None) -> None:
+        self.classes = tuple(classes or released_classes())
+
+    def for_model(self, model: Any) -> SegTask:
+        """This task for a model whose class list may differ from the release (a fine-tune)."""
+        head = model.info.head
+        channels = head.out_channels if head is not None else len(self.classes)
+        return SegTask(class_table(model_class_names(model.info, channels)))
+
     def files(self, fmt: OutputFormat, vis: bool) -> list[FileSpec]:
         main = FileSpec(".npy", "npy") if fmt == "npy" else FileSpec(".png", "png")
         return [main, VIS_FILE] if vis else [main]
 
     def run_files(self) -> dict[str, FileData]:
-        return {CLASSES_FILE: FileData("json", {"format_version": 1, "num_classes": len(classes()), "classes": classes()})}
+        table = list(self.classes)
+        return {CLASSES_FILE: FileData("json", {"format_version": 1, "num_classes": len(table), "classes": table})}
 
     def prepare(self, image: np.ndarray, input_hw: tuple[int, int]) -> list[ModelInput]:
         pixels, placement = transforms.stretch(image, input_hw)
@@ -108,11 +147,10 @@ class SegTask(Task):
             out[VIS_FILE] = FileData("jpg", self.overlay(image, pred["labels"]))
         return out
 
-    @staticmethod
-    def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def overlay(self, image: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """The demo's 50/50 blend of image and class colours, with a legend of the classes present."""
-        mask = palette_bgr()[labels]  # [H, W, 3]
+        mask = palette_bgr(self.classes)[labels]  # [H, W, 3]
         blend = cv2.addWeighted(image, 0.5, mask, 0.5, 0)
-        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(classes()))).tolist()
-        return np.concatenate([blend, legend(present, image.shape[0])], axis=1)
+        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(self.classes))).tolist()
+        return np.concatenate([blend, legend(present, image.shape[0], self.classes)], axis=1)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sapiens2_cli.models.arch import ARCHS, BackboneArch, official_kv_heads, size_name
-from sapiens2_cli.models.heads import HeadConfig, official_head
+from sapiens2_cli.models.heads import pointmap_scale_inputs, HeadConfig, official_head
 from sapiens2_cli.models.sapiens2 import ModelInfo, Sapiens2Model
 from sapiens2_cli.train.config import Config, ConfigError, ModelConfig
 
@@ -71,12 +71,13 @@ class Labels:
     flip_index: tuple[int, ...] | None = None
 
     def metadata(self, task: str) -> dict[str, str]:
-        """``save_model`` metadata: ``classes`` (seg) or ``keypoints`` + ``flip_index`` (pose)."""
+        """``save_model`` metadata: ``class_names`` (seg) or ``keypoint_names`` + ``flip_index`` (pose),
+        the keys exported artifacts use too."""
         if task == "seg":
-            return {"classes": json.dumps(list(self.names))}
+            return {"class_names": json.dumps(list(self.names))}
         if task == "pose":
             return {
-                "keypoints": json.dumps(list(self.names)),
+                "keypoint_names": json.dumps(list(self.names)),
                 "flip_index": json.dumps(list(self.flip_index or ())),
             }
         return {}
@@ -147,12 +148,10 @@ def run_head(cfg: Config, arch: BackboneArch, out_channels: int) -> HeadConfig:
     if task == "pointmap":
         scale_convs = tuple(over.scale_conv_channels or head.scale_conv_out_channels)
         hidden = tuple(over.scale_mlp_channels or head.scale_mlp[1:-1])
-        h, w = (cfg.model.input_size[0] // arch.stride, cfg.model.input_size[1] // arch.stride)
-        for _ in scale_convs:  # each 1x1 stride-2 conv: n -> ceil(n / 2)
-            h, w = -(-h // 2), -(-w // 2)
+        grid = (cfg.model.input_size[0] // arch.stride, cfg.model.input_size[1] // arch.stride)
         changes["scale_conv_out_channels"] = scale_convs
         changes["scale_conv_kernel_sizes"] = (1,) * len(scale_convs)
-        changes["scale_mlp"] = (scale_convs[-1] * h * w, *hidden, 1)
+        changes["scale_mlp"] = (pointmap_scale_inputs(scale_convs[-1], grid, len(scale_convs)), *hidden, 1)
     return dataclasses.replace(head, **changes)
 
 
