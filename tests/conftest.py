@@ -41,13 +41,13 @@ def make_fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commi
     return snap
 
 
-TINY_INPUT_SIZES = {"seg": (128, 96), "normal": (128, 96), "albedo": (128, 96), "pointmap": (144, 80)}
+TINY_INPUT_SIZES = {"seg": (128, 96), "pose": (128, 96), "normal": (128, 96), "albedo": (128, 96), "pointmap": (144, 80)}
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """The parity models of the dense tasks saved with our metadata, their input size included,
-    so that ``--input-size`` can be left out: task -> file."""
+    """The parity models of every predict task saved with our metadata, their input size
+    included, so that ``--input-size`` can be left out: task -> file."""
     import dataclasses
 
     from sapiens2_cli import load_model

@@ -144,7 +144,7 @@ def test_bad_inputs_fail_one_by_one(tmp_path, tiny_models):
         (["{photos}/astronaut.png", "-t", "seg", "-t", "normal", "--checkpoint", "{seg}"], "name its task"),
         (["{photos}/astronaut.png", "-t", "seg", "--checkpoint", "normal={normal}"], "does not ask for it"),
         (["{photos}/astronaut.png", "-t", "seg", "--size", "0.1b"], "0.1b"),
-        (["{photos}/astronaut.png", "-t", "pose"], "pose"),
+        (["{photos}/astronaut.png", "-t", "depth"], "depth"),
         (["{photos}/astronaut.png", "-t", "seg", "--shard", "2/2"], "need 0 <= i < N"),
         (["{photos}/astronaut.png", "-t", "seg", "--input-size", "big"], "expected HxW"),
         (["{photos}/astronaut.png", "{tmp}/twin/astronaut.jpg", "-t", "seg"], "same outputs"),

@@ -14,6 +14,7 @@ import click
 from sapiens2_cli import __version__
 from sapiens2_cli.plan import DEFAULT_SIZE, FORMATS, PRECISIONS, PREDICT_SIZES
 from sapiens2_cli.tasks import TASK_NAMES
+from sapiens2_cli.tasks.pose_options import KEYPOINT_FORMAT_NAMES
 
 EXIT_FAILED = 1
 
@@ -346,11 +347,27 @@ def usage_fail(message: str) -> None:
 @click.option("--shard", metavar="i/N", help="Process every N-th image from the i-th (0-based); "
               "default: the SLURM array task when there is one.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; failures are still printed.")
+@click.option("--bboxes", metavar="FILE", help="Pose: person boxes from a JSON file ({\"<path relative to "
+              "the input root>\": [[x1, y1, x2, y2, score?], ...]} or COCO) instead of the detector.")
+@click.option("--detector", metavar="REF|none", help="Pose: person detector weights (Hub repo, .pth, "
+              ".safetensors; default facebook/sapiens-pose-bbox-detector); none: the whole image.")
+@click.option("--bbox-thr", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Pose: keep person boxes scoring above this.")
+@click.option("--nms-thr", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Pose: IoU threshold of the detector's NMS.")
+@click.option("--keypoint-format", default="goliath308", show_default=True, type=click.Choice(KEYPOINT_FORMAT_NAMES),
+              help="Pose: keypoint layout written (converted by keypoint name).")
+@click.option("--kpt-thr", default=0.3, show_default=True, type=float, help="Pose --vis: draw points scoring this or more.")
+@click.option("--radius", type=click.IntRange(min=1), help="Pose --vis: keypoint radius, px [8 at a 1920 px long side].")
+@click.option("--thickness", type=click.IntRange(min=1), help="Pose --vis: link width, px [8 at a 1920 px long side].")
+@click.option("--no-flip-test", is_flag=True, help="Pose: no flip test (half the model time, less accurate).")
 def predict_cmd(inputs: tuple[str, ...], output: str, tasks: tuple[str, ...], size: str,
                 checkpoints: tuple[str, ...], input_size: str | None, fmt: str, vis: bool, recursive: bool,
                 batch_size: int, workers: int | None, device: str, precision: str, compile_: bool,
-                skip_existing: bool, shard: str | None, quiet: bool) -> None:  # fmt: skip
-    """Run seg / normal / pointmap / albedo on images: files, folders, globs, .txt lists or - (stdin).
+                skip_existing: bool, shard: str | None, quiet: bool, bboxes: str | None, detector: str | None,
+                bbox_thr: float, nms_thr: float, keypoint_format: str, kpt_thr: float, radius: int | None,
+                thickness: int | None, no_flip_test: bool) -> None:  # fmt: skip
+    """Run seg / pose / normal / pointmap / albedo on images: files, folders, globs, .txt lists or - (stdin).
 
     Outputs go to OUT/<task>/<input path relative to its root>.<ext>, with OUT/run.json
     describing the run. Exit 0 when every image succeeded, 1 when any failed, 2 on usage errors.
@@ -360,17 +377,22 @@ def predict_cmd(inputs: tuple[str, ...], output: str, tasks: tuple[str, ...], si
     from sapiens2_cli.hub import HubError
     from sapiens2_cli.plan import PlanError, PredictOptions, parse_input_size
     from sapiens2_cli.sources import SourceError, parse_shard
+    from sapiens2_cli.tasks.pose_options import PoseOptions
 
     try:
+        pose = PoseOptions(
+            bboxes=bboxes, detector=detector, bbox_thr=bbox_thr, nms_thr=nms_thr, keypoint_format=keypoint_format,
+            kpt_thr=kpt_thr, radius=radius, thickness=thickness, flip_test=not no_flip_test,
+        )  # fmt: skip
         options = PredictOptions(
             inputs=inputs, output=Path(output), tasks=tasks, size=size, checkpoints=checkpoints,
             input_size=parse_input_size(input_size) if input_size else None, fmt=fmt, vis=vis,
             recursive=recursive, batch_size=batch_size, workers=workers, device=device,
             precision=precision, compile=compile_, overwrite=not skip_existing,
-            shard=parse_shard(shard) if shard else None, quiet=quiet,
+            shard=parse_shard(shard) if shard else None, quiet=quiet, pose=pose,
             command=("sapiens2", *click.get_current_context().meta.get(ARGV_KEY, sys.argv[1:])),
         )  # fmt: skip
-    except (PlanError, SourceError) as err:
+    except ValueError as err:  # PlanError, SourceError, PoseOptions' checks
         usage_fail(str(err))
 
     from sapiens2_cli.predict import run_predict

@@ -3,12 +3,17 @@
 Three kinds of threads, so that the model never waits on the disk or the CPU-side work:
 
 1. reader threads (:func:`readers.prefetch`): read, decode, and make each task's model inputs;
-2. the main thread: batches model inputs per task (any mix of images) and runs the
-   :class:`~sapiens2_cli.predict.Predictor`, and nothing else;
+2. the main thread: batches model inputs per task (any mix of images; the inputs of one image
+   stay in one batch unless ``--compile`` fixes the batch size) and runs the
+   :class:`~sapiens2_cli.predict.Predictor`; for a task that needs a detector first (pose),
+   it also runs the detector on batches of images, and crop threads make the model inputs
+   from what it found;
 3. writer threads (:class:`writers.WriterPool`): post-process each finished image on the
    model's device, render overlays, encode and write atomically.
 
-All bookkeeping (counts, failures, progress) happens on the main thread.
+All bookkeeping (counts, failures, progress) happens on the main thread. A task that fails
+for an image (pre-processing, detector, model, post-processing, writing) fails that image for
+that task only; the image's other tasks go on.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +37,6 @@ from sapiens2_cli.tasks.base import ModelInput
 from sapiens2_cli.writers import WriterPool, write_file
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
     from sapiens2_cli.predict import LoadedTask
 
 # Errors that belong to one item (a bad file, an odd image, a full disk, out of memory on a
@@ -43,6 +47,14 @@ ITEM_ERRORS = (OSError, ValueError, RuntimeError, cv2.error)
 def unbatch(raw: Any, i: int) -> Any:
     """Sample ``i`` of a batch-first tensor or tuple of tensors."""
     return tuple(r[i] for r in raw) if isinstance(raw, tuple) else raw[i]
+
+
+def image_boundary(queue: Sequence[tuple[Any, int]], size: int) -> int:
+    """Length of the next batch: ``size`` entries, or more so that no image's inputs are split."""
+    end = min(size, len(queue))
+    while end < len(queue) and queue[end][0] is queue[end - 1][0]:
+        end += 1
+    return end
 
 
 class ForwardTimer:
@@ -89,7 +101,8 @@ class Loaded:
 
     work: Work
     image: np.ndarray | None = None
-    inputs: dict[str, list[ModelInput]] = dataclasses.field(default_factory=dict)
+    inputs: dict[str, list[ModelInput] | None] = dataclasses.field(default_factory=dict)  # None: detector first
+    task_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     error: str | None = None
     decode_s: float = 0.0
     preprocess_s: float = 0.0
@@ -101,7 +114,7 @@ class ItemState:
 
     work: Work
     image: np.ndarray
-    inputs: dict[str, list[ModelInput]]
+    inputs: dict[str, list[ModelInput]]  # filled per task once its inputs exist
     raws: dict[str, list[Any]]
     open_tasks: int
     failures: list[Failure] = dataclasses.field(default_factory=list)
@@ -118,6 +131,9 @@ class Runner:
         self.options = options
         self.output = Path(options.output)
         self.queues: dict[str, list[tuple[ItemState, int]]] = {name: [] for name in tasks}
+        self.detect_queues: dict[str, list[ItemState]] = {name: [] for name in tasks}
+        self.crops: list[tuple[ItemState, str, Future]] = []
+        self.crop_pool: ThreadPoolExecutor | None = None
         self.timer = ForwardTimer()
 
     # ----------------------------------------------------------------- reader threads
@@ -134,17 +150,24 @@ class Runner:
         finally:
             loaded.decode_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        try:
-            for name in work.tasks:
-                lt = self.tasks[name]
-                loaded.inputs[name] = lt.task.prepare(image, lt.input_hw)
-        except (ValueError, cv2.error) as err:
-            loaded.error = f"cannot pre-process ({err})"
-            return loaded
-        finally:
-            loaded.preprocess_s = time.perf_counter() - t1
+        for name in work.tasks:
+            lt = self.tasks[name]
+            try:
+                loaded.inputs[name] = lt.task.prepare_item(image, lt.input_hw, work.item)
+            except (ValueError, cv2.error) as err:
+                loaded.task_errors[name] = f"cannot pre-process ({err})"
+        loaded.preprocess_s = time.perf_counter() - t1
         loaded.image = image
         return loaded
+
+    def crop_job(self, name: str, image: np.ndarray, found: Any) -> tuple[list[ModelInput] | str, float]:
+        """Model inputs from a detector's result (runs on a crop thread); an error as a reason."""
+        lt = self.tasks[name]
+        t0 = time.perf_counter()
+        try:
+            return lt.task.prepare_detected(image, lt.input_hw, found), time.perf_counter() - t0
+        except (ValueError, cv2.error) as err:
+            return f"cannot pre-process ({err})", time.perf_counter() - t0
 
     # ----------------------------------------------------------------- main thread
 
@@ -164,8 +187,12 @@ class Runner:
             for _, loaded in prefetch(work, self.load, workers=workers, depth=depth):
                 self.record.timings["wait_for_input"] += time.perf_counter() - wait_start
                 self.accept(loaded)
+                self.harvest_crops()
                 self.collect(self.pool.harvest())
                 wait_start = time.perf_counter()
+            for name in self.detect_queues:
+                self.flush_detection(name, final=True)
+            self.harvest_crops(wait=True)
             for name in self.queues:
                 self.flush(name, final=True)
             self.collect(self.pool.drain())
@@ -176,6 +203,8 @@ class Runner:
             raise
         finally:
             self.pool.close()
+            if self.crop_pool is not None:
+                self.crop_pool.shutdown(wait=True, cancel_futures=True)
             cv2.setNumThreads(cv_threads)
             self.record.processing_s = time.perf_counter() - start
             self.record.timings["forward"] += self.timer.total()
@@ -187,24 +216,84 @@ class Runner:
         if loaded.error is not None:
             self.fail_item(work, Failure(str(work.item.path), loaded.error))
             return
-        state = ItemState(
-            work, loaded.image, loaded.inputs,
-            raws={name: [None] * len(loaded.inputs[name]) for name in work.tasks},
-            open_tasks=len(work.tasks),
-        )  # fmt: skip
+        state = ItemState(work, loaded.image, inputs={}, raws={}, open_tasks=len(work.tasks))
+        path = str(work.item.path)
         for name in work.tasks:
-            if not loaded.inputs[name]:  # nothing to run (e.g. a pose image with no person)
-                self.finish(state, name)
-                continue
-            self.queues[name].extend((state, i) for i in range(len(loaded.inputs[name])))
-            self.flush(name)
+            if name in loaded.task_errors:
+                self.close_task(state, name, Failure(path, loaded.task_errors[name], name))
+            elif loaded.inputs[name] is None:
+                self.detect_queues[name].append(state)
+                self.flush_detection(name)
+            else:
+                self.enqueue(state, name, loaded.inputs[name])
+
+    def enqueue(self, state: ItemState, name: str, inputs: list[ModelInput]) -> None:
+        """Queue an image's model inputs for ``name`` and run the batches that are full."""
+        state.inputs[name] = inputs
+        state.raws[name] = [None] * len(inputs)
+        if not inputs:  # nothing to run
+            self.finish(state, name)
+            return
+        self.queues[name].extend((state, i) for i in range(len(inputs)))
+        self.flush(name)
 
     def flush(self, name: str, *, final: bool = False) -> None:
         """Run full batches of ``name``'s queue (and the remainder when ``final``)."""
         queue, size = self.queues[name], self.options.batch_size
         while len(queue) >= size or (final and queue):
-            batch, queue[:] = queue[:size], queue[size:]
+            end = min(size, len(queue)) if self.options.compile else image_boundary(queue, size)
+            batch, queue[:] = queue[:end], queue[end:]
             self.run_batch(name, batch)
+
+    def flush_detection(self, name: str, *, final: bool = False) -> None:
+        """Run the detector on full batches of images waiting for it (the rest when ``final``)."""
+        queue, size = self.detect_queues[name], self.options.batch_size
+        while len(queue) >= size or (final and queue):
+            batch, queue[:] = queue[:size], queue[size:]
+            self.detect(name, batch)
+
+    def detect(self, name: str, batch: list[ItemState]) -> None:
+        """One detector batch; each image's result goes to a crop thread."""
+        lt = self.tasks[name]
+        t0 = time.perf_counter()
+        try:
+            found = lt.task.detect([state.image for state in batch])
+        except (RuntimeError, ValueError) as err:
+            self.record.timings["detect"] += time.perf_counter() - t0
+            if len(batch) > 1:  # e.g. out of memory: retry one by one, so only the culprit fails
+                if lt.predictor.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                for state in batch:
+                    self.detect(name, [state])
+                return
+            state = batch[0]
+            self.close_task(state, name, Failure(str(state.work.item.path), f"person detector failed ({err})", name))
+            return
+        self.record.timings["detect"] += time.perf_counter() - t0
+        workers = self.options.num_workers
+        for state, result in zip(batch, found, strict=True):
+            if workers == 0:
+                future: Future = Future()
+                future.set_result(self.crop_job(name, state.image, result))
+            else:
+                if self.crop_pool is None:
+                    self.crop_pool = ThreadPoolExecutor(max(1, workers // 2), thread_name_prefix="sapiens2-crop")
+                future = self.crop_pool.submit(self.crop_job, name, state.image, result)
+            self.crops.append((state, name, future))
+
+    def harvest_crops(self, *, wait: bool = False) -> None:
+        """Queue the model inputs of finished crop jobs (of all of them when ``wait``)."""
+        jobs, self.crops = self.crops, []
+        for state, name, future in jobs:
+            if not (wait or future.done()):
+                self.crops.append((state, name, future))
+                continue
+            inputs, seconds = future.result()
+            self.record.timings["preprocess"] += seconds
+            if isinstance(inputs, str):
+                self.close_task(state, name, Failure(str(state.work.item.path), inputs, name))
+            else:
+                self.enqueue(state, name, inputs)
 
     def run_batch(self, name: str, batch: list[tuple[ItemState, int]]) -> None:
         lt = self.tasks[name]
@@ -253,7 +342,7 @@ class Runner:
         t1 = time.perf_counter()
         written: list[Path] = []
         try:
-            files = task.render(pred, state.image, self.options.fmt, self.options.vis)
+            files = task.render_item(pred, state.image, state.work.item, self.options.fmt, self.options.vis)
             for spec, content in files.items():
                 target = spec.path(self.output, name, state.work.item)
                 write_file(target, content)

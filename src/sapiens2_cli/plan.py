@@ -16,6 +16,7 @@ from typing import Literal
 from sapiens2_cli.models.zoo import TASK_SIZES, find_record
 from sapiens2_cli.sources import Item
 from sapiens2_cli.tasks import TASK_NAMES
+from sapiens2_cli.tasks.pose_options import PoseOptions
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -49,6 +50,7 @@ class PredictOptions:
     overwrite: bool = False
     shard: tuple[int, int] | None = None  # (index, count); None: SLURM array or 0/1
     quiet: bool = False
+    pose: PoseOptions = dataclasses.field(default_factory=PoseOptions)  # boxes, keypoint format, drawing
     command: tuple[str, ...] = ()  # argv, recorded in run.json
 
     @property

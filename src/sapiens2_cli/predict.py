@@ -29,6 +29,7 @@ from sapiens2_cli.progress import Progress
 from sapiens2_cli.runinfo import Digests, Failure, RunRecord, run_file_name, write_run_json
 from sapiens2_cli.tasks import TASKS
 from sapiens2_cli.tasks.base import Raw, Task
+from sapiens2_cli.tasks.pose_options import PoseOptions
 from sapiens2_cli.transforms import normalize
 from sapiens2_cli.writers import PART_SUFFIX, write_file
 
@@ -70,8 +71,8 @@ class Predictor:
 
     Normalisation runs on the model's device. The forward runs under ``inference_mode`` and,
     for ``bf16`` / ``fp16``, autocast (weights stay float32; norms and the bf16 RoPE keep their
-    own precision). Outputs are cast to float32, batch-first (seg ``[B, 29, H, W]``, normal /
-    albedo ``[B, 3, H, W]``, pointmap ``([B, 3, H, W], [B, 1])``). With ``compile`` the model is
+    own precision). Outputs are cast to float32, batch-first (seg ``[B, 29, H, W]``, pose
+    ``[B, 308, H/4, W/4]``, normal / albedo ``[B, 3, H, W]``, pointmap ``([B, 3, H, W], [B, 1])``). With ``compile`` the model is
     compiled for a static batch: short batches are zero-padded to ``batch_size``.
     """
 
@@ -125,17 +126,28 @@ class LoadedTask:
     model_info: dict[str, Any]
 
 
-def load_tasks(options: PredictOptions, refs: dict[str, str], device: torch.device) -> dict[str, LoadedTask]:
-    """Load each task's model and check that it runs at the requested input size."""
+def configure_tasks(options: PredictOptions, refs: dict[str, str]) -> dict[str, Task]:
+    """Each requested task set up with this run's options (no model is loaded yet)."""
+    if "pose" not in refs and options.pose != PoseOptions():
+        raise PlanError("pose options (--bboxes, --detector, --keypoint-format...) given but -t pose is not run")
+    return {name: TASKS[name].configure(options, model_ref=ref) for name, ref in refs.items()}
+
+
+def load_tasks(
+    options: PredictOptions, tasks: dict[str, Task], refs: dict[str, str], device: torch.device
+) -> dict[str, LoadedTask]:
+    """Load each task's model (and helpers such as the person detector) and check that it runs
+    at the requested input size."""
     loaded = {}
     for name, ref in refs.items():
         model = open_model(ref, task=name, device=device)
-        task = TASKS[name].for_model(model)
+        task = tasks[name].for_model(model)
         input_hw = options.input_size or tuple(model.info.input_size)
         try:
             task.check_input_size(model, input_hw)
         except ValueError as err:
             raise PlanError(f"{ref}: {err}") from None
+        task.load_helpers(device)
         predictor = Predictor(
             model, task, device=device, precision=options.precision,
             compile=options.compile, batch_size=options.batch_size,
@@ -149,6 +161,23 @@ def load_tasks(options: PredictOptions, refs: dict[str, str], device: torch.devi
             "num_layers": info.arch.num_layers if info.arch else None,
         })  # fmt: skip
     return loaded
+
+
+def check_run_files(output: Path, tasks: dict[str, Task], *, overwrite: bool) -> None:
+    """Refuse to add to an output folder whose per-task files (``OUT/pose/keypoints.json``...)
+    another configuration wrote, unless ``overwrite``: its existing outputs would not match them."""
+    for name, task in tasks.items():
+        for filename, content in task.run_files().items():
+            path = output / name / filename
+            try:
+                existing = json.loads(path.read_text("utf-8"))
+            except (OSError, ValueError):
+                continue  # absent or unreadable: rewritten
+            if existing != content.data and not overwrite:
+                raise PlanError(
+                    f"{path} was written by a run with other settings (e.g. another --keypoint-format); "
+                    "choose another output folder or redo everything with --overwrite"
+                )
 
 
 def write_run_files(output: Path, tasks: dict[str, Task]) -> None:
@@ -180,9 +209,11 @@ def run_predict(options: PredictOptions, *, stdin: TextIO | None = None) -> RunR
     """
     started = time.time()
     refs = planning.model_refs(options.tasks, options.checkpoints, options.size)
+    tasks = configure_tasks(options, refs)
     output = Path(options.output)
     collection = sources.collect(options.inputs, recursive=options.recursive, stdin=stdin)
     sources.check_output_dir(output, collection)
+    check_run_files(output, tasks, overwrite=options.overwrite)
     if not collection.items and not collection.problems:
         raise PlanError("no image found in the inputs (" + ", ".join(options.inputs) + ")")
     shard = options.shard or sources.shard_from_env(os.environ) or (0, 1)
@@ -197,11 +228,11 @@ def run_predict(options: PredictOptions, *, stdin: TextIO | None = None) -> RunR
     for name in refs:
         record.per_task[name]["skipped"] = len(items) - sum(name in w.tasks for w in work)
     t0 = time.perf_counter()
-    loaded = load_tasks(options, refs, device) if work else {}
+    loaded = load_tasks(options, tasks, refs, device) if work else {}
     record.timings["load_models"] = time.perf_counter() - t0
     digests = Digests({n: lt.model_info["path"] for n, lt in loaded.items()})
     output.mkdir(parents=True, exist_ok=True)
-    write_run_files(output, {n: loaded[n].task if n in loaded else TASKS[n] for n in refs})
+    write_run_files(output, {n: loaded[n].task if n in loaded else tasks[n] for n in refs})
 
     with Progress(record.total, quiet=options.quiet) as progress:
         for problem in collection.problems:

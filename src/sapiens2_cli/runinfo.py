@@ -21,7 +21,7 @@ from sapiens2_cli import __version__
 from sapiens2_cli.writers import FileData, write_file
 
 FORMAT_VERSION = 1
-STAGES = ("load_models", "decode", "preprocess", "wait_for_input", "forward", "postprocess", "write")
+STAGES = ("load_models", "decode", "preprocess", "wait_for_input", "detect", "forward", "postprocess", "write")
 
 
 def run_file_name(shard: tuple[int, int]) -> str:

@@ -5,6 +5,11 @@ top-down pose task one crop per person. The run loop batches model inputs of any
 together (they all have the model's input size), runs :meth:`Task.forward`, and hands all the
 raw outputs of one image back to :meth:`Task.postprocess` with the inputs they came from.
 :meth:`Task.render` turns the prediction into the files of :meth:`Task.files`.
+
+A task whose inputs depend on a second model (pose: the person detector) returns ``None``
+from :meth:`Task.prepare_item`; the run loop then batches those images through
+:meth:`Task.detect` on the main thread and makes their inputs with :meth:`Task.prepare_detected`.
+A task with run options (pose) is set up per run by :meth:`Task.configure`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from sapiens2_cli.models.sapiens2 import Sapiens2Model
+    from sapiens2_cli.plan import PredictOptions
     from sapiens2_cli.sources import Item
 
 OutputFormat = Literal["exr", "npy"]
@@ -60,6 +66,16 @@ class Task(abc.ABC):
 
     name: ClassVar[str]  # also the task of the checkpoint it runs
 
+    def configure(self, options: PredictOptions, *, model_ref: str) -> Task:
+        """This task set up for one run (``self`` for tasks without run options).
+
+        Cheap (no model is loaded); raises ``PlanError`` for options it cannot use.
+        """
+        return self
+
+    def load_helpers(self, device: torch.device) -> None:
+        """Load what the task runs besides its model (pose: the person detector) on ``device``."""
+
     @abc.abstractmethod
     def files(self, fmt: OutputFormat, vis: bool) -> list[FileSpec]:
         """The files one item produces (skip-existing looks for exactly these)."""
@@ -82,6 +98,18 @@ class Task(abc.ABC):
     def prepare(self, image: np.ndarray, input_hw: tuple[int, int]) -> list[ModelInput]:
         """Model inputs of one ``[H, W, 3]`` uint8 BGR image (CPU, called from worker threads)."""
 
+    def prepare_item(self, image: np.ndarray, input_hw: tuple[int, int], item: Item) -> list[ModelInput] | None:
+        """:meth:`prepare` for the image of ``item``; ``None`` when its inputs wait for :meth:`detect`."""
+        return self.prepare(image, input_hw)
+
+    def detect(self, images: list[np.ndarray]) -> list[Any]:
+        """What :meth:`prepare_detected` needs for each image (one batch, the main thread)."""
+        raise NotImplementedError(f"{self.name} prepares its inputs without a detector")
+
+    def prepare_detected(self, image: np.ndarray, input_hw: tuple[int, int], found: Any) -> list[ModelInput]:
+        """Model inputs of one image from its :meth:`detect` result (worker threads)."""
+        raise NotImplementedError(f"{self.name} prepares its inputs without a detector")
+
     def forward(self, model: Sapiens2Model, x: torch.Tensor) -> Any:
         """Raw output for a normalised batch ``[B, 3, H_in, W_in]`` (batch-first tensors)."""
         return model(x)
@@ -97,6 +125,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def render(self, pred: Prediction, image: np.ndarray, fmt: OutputFormat, vis: bool) -> dict[FileSpec, FileData]:
         """File contents for :meth:`files` (same keys). ``image`` is the BGR input, for overlays."""
+
+    def render_item(
+        self, pred: Prediction, image: np.ndarray, item: Item, fmt: OutputFormat, vis: bool
+    ) -> dict[FileSpec, FileData]:
+        """:meth:`render` for ``item`` (for tasks whose files name their source)."""
+        return self.render(pred, image, fmt, vis)
 
 
 def side_by_side(image: np.ndarray, panel: np.ndarray) -> np.ndarray:
