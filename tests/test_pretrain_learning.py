@@ -24,7 +24,7 @@ from sapiens2_cli.weights import load_model, read_header
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict:
-    """The packaged tiny recipe (150 steps) on 400 synthetic images; its outputs and timing."""
+    """The packaged tiny recipe (200 steps) on 400 synthetic images; its outputs and timing."""
     root = tmp_path_factory.mktemp("pretrain")
     images, _ = make_images(100, seed=0)
     write_folder(root / "data", images)
@@ -74,7 +74,7 @@ def test_run_folder_layout(tiny_run):
         "checkpoints",
         "final.safetensors",
     }
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000150.pt"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000200.pt"]
     saved = resolve(out / "config.yaml")  # the resolved configuration, loadable as a recipe
     assert to_yaml(saved) == (out / "config.yaml").read_text()
     assert saved.output_dir == str(out) and saved.loss == tiny_run["cfg"].loss
@@ -83,7 +83,7 @@ def test_run_folder_layout(tiny_run):
 
 def test_metrics_rows_and_loss_decreases(tiny_run):
     rows = tiny_run["rows"]
-    assert [r["step"] for r in rows] == list(range(1, 151))
+    assert [r["step"] for r in rows] == list(range(1, 201))
     assert {"loss", "mae", "dino", "koleo", "lr", "teacher_temp", "momentum", "grad_norm"} <= rows[0].keys()
     assert rows[0]["teacher_temp"] == 0.065 and rows[0]["momentum"] == 0.9
     first = np.mean([r["loss"] for r in rows[:10]])
@@ -101,7 +101,7 @@ def test_final_weights_are_the_teacher_in_the_release_layout(tiny_run):
         expected = Sapiens2Backbone(arch).state_dict()
     assert {k: tuple(s) for k, s in header.shapes.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     assert header.metadata["sapiens2.task"] == "pretrain"
-    assert header.metadata["sapiens2.pretrain_steps"] == "150"
+    assert header.metadata["sapiens2.pretrain_steps"] == "200"
     model = load_model(path, task="pretrain")
     assert model.task == "pretrain" and model.backbone.arch == arch
     teacher = last_checkpoint(tiny_run["out"])["model"]

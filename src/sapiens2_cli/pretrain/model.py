@@ -135,8 +135,9 @@ class PretrainModel(nn.Module):
         """All loss terms for one batch at optimizer step ``it``.
 
         Returns scalars ``loss`` (weighted total, the one to back-propagate), ``mae``,
-        ``dino``, ``koleo`` and ``teacher_temp``. In training mode the DINO centre is
-        updated with this batch's teacher logits (after the loss has used the old centre).
+        ``dino``, ``koleo`` and ``teacher_temp``. In training mode this batch's teacher logits
+        are accumulated for the centre update that ``update_center`` applies after the
+        optimizer step (the loss uses the centre of the previous step).
         """
         mae_cfg, dino_cfg = self.terms.mae, self.terms.dino
         glob = batch["global_crops"]
