@@ -13,7 +13,7 @@ import torch
 from pretrain_synthetic import single_thread  # noqa: F401 - autouse fixture
 
 from sapiens2_cli.pretrain.augment import MultiCrop
-from sapiens2_cli.pretrain.config import CropSection, MaskingSection
+from sapiens2_cli.pretrain.config import PretrainAugment
 from sapiens2_cli.pretrain.data import PretrainStream, make_loader
 from sapiens2_cli.pretrain.sources import IMAGE_SUFFIXES, detect_kind, walk
 
@@ -188,8 +188,7 @@ def test_a_consumer_without_shards_fails_loudly(tmp_path):
 
 
 def test_multicrop_views_masks_and_determinism():
-    crops = CropSection(global_size=(64, 48), local_size=(32, 32), num_local=3)
-    mc = MultiCrop(crops, MaskingSection(), grid=(4, 3))
+    mc = MultiCrop(PretrainAugment(local_size=(32, 32), num_local=3), global_size=(64, 48), grid=(4, 3))
     image = np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8)
     a = mc(image, np.random.default_rng(5))
     b = mc(image, np.random.default_rng(5))

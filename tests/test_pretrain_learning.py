@@ -1,40 +1,38 @@
-"""End-to-end: a tiny pretraining run learns (loss falls, teacher features beat random init)."""
+"""End-to-end: ``sapiens2 pretrain --recipe tiny`` writes its run folder and learns (loss falls,
+teacher features beat the random initialisation), and its weights are a released-layout
+pretrain checkpoint."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from pretrain_runs import last_checkpoint, pretrain, read_metrics
 from pretrain_synthetic import make_images, single_thread, write_folder  # noqa: F401 - autouse fixture
 
+from sapiens2_cli.models.backbone import Sapiens2Backbone
 from sapiens2_cli.pretrain.augment import to_tensor
-from sapiens2_cli.pretrain.config import load_recipe
 from sapiens2_cli.pretrain.model import PretrainModel
-from sapiens2_cli.pretrain.run import train
-from sapiens2_cli.weights import load_model
+from sapiens2_cli.pretrain.run import resolve_pretrain_config
+from sapiens2_cli.train.config import resolve, to_yaml
+from sapiens2_cli.train.model_setup import run_arch
+from sapiens2_cli.weights import load_model, read_header
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict:
-    """The packaged tiny recipe (150 steps) on 400 synthetic images; its outputs and timing."""
+    """The packaged tiny recipe (200 steps) on 400 synthetic images; its outputs and timing."""
     root = tmp_path_factory.mktemp("pretrain")
     images, _ = make_images(100, seed=0)
     write_folder(root / "data", images)
-    cfg = load_recipe("tiny")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped, so set here: see pretrain_synthetic.single_thread
-    try:
-        start = time.perf_counter()
-        train(cfg, root / "data", root / "run")
-        seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
-    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-    return {"cfg": cfg, "out": root / "run", "rows": rows, "seconds": seconds}
+    start = time.perf_counter()
+    pretrain(root / "data", root / "run")
+    seconds = time.perf_counter() - start
+    cfg = resolve_pretrain_config("tiny", data=root / "data")
+    return {"cfg": cfg, "out": root / "run", "rows": read_metrics(root / "run"), "seconds": seconds}
 
 
 def features(backbone: torch.nn.Module, images: np.ndarray, size: int) -> np.ndarray:
@@ -67,22 +65,54 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
     return float((votes.argmax(1) == test_y).mean())
 
 
+def test_run_folder_layout(tiny_run):
+    out = tiny_run["out"]
+    assert {p.name for p in out.iterdir()} == {
+        "config.yaml",
+        "metrics.jsonl",
+        "train.log",
+        "checkpoints",
+        "final.safetensors",
+    }
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000200.pt"]
+    saved = resolve(out / "config.yaml")  # the resolved configuration, loadable as a recipe
+    assert to_yaml(saved) == (out / "config.yaml").read_text()
+    assert saved.output_dir == str(out) and saved.loss == tiny_run["cfg"].loss
+    assert "wrote" in (out / "train.log").read_text()
+
+
 def test_metrics_rows_and_loss_decreases(tiny_run):
     rows = tiny_run["rows"]
-    assert [r["step"] for r in rows] == list(range(1, 151))
+    assert [r["step"] for r in rows] == list(range(1, 201))
     assert {"loss", "mae", "dino", "koleo", "lr", "teacher_temp", "momentum", "grad_norm"} <= rows[0].keys()
+    assert rows[0]["teacher_temp"] == 0.065 and rows[0]["momentum"] == 0.9
     first = np.mean([r["loss"] for r in rows[:10]])
     last = np.mean([r["loss"] for r in rows[-20:]])
-    print(f"total loss: first 10 steps {first:.3f}, last 20 steps {last:.3f}")
+    print(f"total loss: first 10 steps {first:.3f}, last 20 steps {last:.3f}; run {tiny_run['seconds']:.1f} s")
     assert last < first - 0.05, (first, last)
     assert np.mean([r["mae"] for r in rows[-20:]]) < 0.85 * np.mean([r["mae"] for r in rows[:10]])
-    assert (tiny_run["out"] / "config.yaml").is_file()
+
+
+def test_final_weights_are_the_teacher_in_the_release_layout(tiny_run):
+    path = tiny_run["out"] / "final.safetensors"
+    arch = run_arch(tiny_run["cfg"].model)
+    header = read_header(path)
+    with torch.device("meta"):
+        expected = Sapiens2Backbone(arch).state_dict()
+    assert {k: tuple(s) for k, s in header.shapes.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    assert header.metadata["sapiens2.task"] == "pretrain"
+    assert header.metadata["sapiens2.pretrain_steps"] == "200"
+    model = load_model(path, task="pretrain")
+    assert model.task == "pretrain" and model.backbone.arch == arch
+    teacher = last_checkpoint(tiny_run["out"])["model"]
+    for key, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, teacher[f"teacher.backbone.{key}"]), key
 
 
 def test_teacher_features_beat_random_init(tiny_run):
     cfg = tiny_run["cfg"]
-    size = cfg.crops.global_size[0]
-    torch.manual_seed(cfg.seed)  # the same initialisation the run started from
+    size = cfg.model.input_size[0]
+    torch.manual_seed(cfg.train.seed)  # the same initialisation the run started from
     random_backbone = PretrainModel(cfg).teacher["backbone"]
     teacher = load_model(tiny_run["out"] / "final.safetensors").backbone
     train_x, train_y = make_images(200, seed=100)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pretrain_synthetic import single_thread  # noqa: F401 - autouse fixture
 
-from sapiens2_cli.pretrain.config import LossSection
+from sapiens2_cli.pretrain.config import PretrainLoss
 from sapiens2_cli.pretrain.losses import (
     DINOLoss,
     koleo_loss,
@@ -16,10 +16,11 @@ from sapiens2_cli.pretrain.losses import (
     weighted_total,
 )
 from sapiens2_cli.pretrain.schedules import (
-    learning_rate,
     teacher_momentum,
     teacher_temperature,
 )
+from sapiens2_cli.train.config import resolve
+from sapiens2_cli.train.optim import lr_factor
 
 
 def test_norm_pix_loss_by_hand():
@@ -72,10 +73,29 @@ def test_dino_cross_entropy_pairs_and_centering_by_hand():
     got = loss(torch.tensor(s)[:, None], probs)
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
-    loss.update_center(teacher_logits)
+    loss.accumulate(teacher_logits)
+    assert loss.center.tolist() == pytest.approx([0.1, -0.2, 0.0])  # moves once per step
+    loss.update_center()
     mean_t = [(a + b) / 2 for a, b in zip(*t)]
     expected_center = [0.9 * c + 0.1 * m for c, m in zip((0.1, -0.2, 0.0), mean_t)]
     assert loss.center.tolist() == pytest.approx(expected_center, rel=1e-6)
+
+
+def test_centre_moves_once_per_step_with_the_mean_of_its_micro_batches():
+    """Two accumulated micro-batches move the centre like one batch holding both."""
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    split, whole = DINOLoss(5, center_momentum=0.8), DINOLoss(5, center_momentum=0.8)
+    split.accumulate(a)
+    split.accumulate(b)
+    split.update_center()
+    whole.accumulate(torch.cat([a, b], dim=1))
+    whole.update_center()
+    torch.testing.assert_close(split.center, whole.center)
+    torch.testing.assert_close(split.center, 0.2 * torch.cat([a, b], dim=1).mean(dim=(0, 1)))
+    before = split.center.clone()
+    split.update_center()  # nothing pending: no change
+    assert torch.equal(split.center, before)
 
 
 def test_dino_averages_over_the_batch():
@@ -104,10 +124,10 @@ def test_koleo_by_hand():
 
 
 def test_weighted_total_uses_the_paper_weights():
-    w = LossSection()
-    assert (w.mae, w.dino, w.koleo) == (1.0, 0.4, 0.04)
+    w = PretrainLoss()
+    assert (w.mae.weight, w.dino.weight, w.koleo.weight) == (1.0, 0.4, 0.04)
     terms = {"mae": torch.tensor(0.5), "dino": torch.tensor(2.0), "koleo": torch.tensor(-1.0)}
-    got = weighted_total(terms, mae=w.mae, dino=w.dino, koleo=w.koleo)
+    got = weighted_total(terms, mae=w.mae.weight, dino=w.dino.weight, koleo=w.koleo.weight)
     assert got.item() == pytest.approx(0.5 + 0.8 - 0.04)
 
 
@@ -119,9 +139,11 @@ def test_schedules_by_hand():
     assert teacher_momentum(0, start=0.992, end=1.0, total=100) == pytest.approx(0.992)
     assert teacher_momentum(50, start=0.992, end=1.0, total=100) == pytest.approx(0.996)
     assert teacher_momentum(100, start=0.992, end=1.0, total=100) == pytest.approx(1.0)
-    kw = {"lr": 1e-4, "min_lr": 1e-7, "warmup": 1000, "total": 3000}
-    assert learning_rate(0, **kw) == pytest.approx(1e-7)
-    assert learning_rate(999, **kw) == pytest.approx(1e-4)
-    assert learning_rate(1000, **kw) == pytest.approx(1e-4)
-    assert learning_rate(2000, **kw) == pytest.approx((1e-4 + 1e-7) / 2)
-    assert learning_rate(3000, **kw) == pytest.approx(1e-7)
+
+
+def test_pretrain_learning_rate_is_the_papers_warm_up_and_cosine():
+    """The shared schedule with the base recipe: linear warm-up over 1k steps, cosine to 1e-7."""
+    cfg = resolve("pretrain/1b", ["train.iterations=3000"])
+    kw = {"iterations": 3000, "base_lr": cfg.optim.lr, "cfg": cfg.schedule}
+    lr = [cfg.optim.lr * lr_factor(s, **kw) for s in (0, 500, 1000, 2000, 3000)]
+    assert lr == pytest.approx([1e-7, 0.5 * (1e-4 + 1e-7), 1e-4, (1e-4 + 1e-7) / 2, 1e-7], rel=1e-3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from importlib import resources
 from pathlib import Path
 
@@ -11,31 +10,32 @@ import torch
 from pretrain_synthetic import single_thread  # noqa: F401 - autouse fixture
 
 from sapiens2_cli.models.arch import ARCHS
-from sapiens2_cli.pretrain.config import PretrainConfig, load_recipe
 from sapiens2_cli.pretrain.masking import sample_masks
 from sapiens2_cli.pretrain.model import PretrainModel
+from sapiens2_cli.pretrain.run import resolve_pretrain_config
+from sapiens2_cli.train.config import Config, ConfigError
+from sapiens2_cli.train.model_setup import run_arch
 from sapiens2_cli.weights import load_model, read_header
 
 RECIPES = sorted(
-    p.stem for p in Path(str(resources.files("sapiens2_cli") / "recipes" / "pretrain")).glob("*.yaml")
+    p.stem
+    for p in Path(str(resources.files("sapiens2_cli") / "recipes" / "pretrain")).glob("*.yaml")
+    if not p.name.startswith("_")
 )
 
 
-def tiny_cfg(**sections) -> PretrainConfig:
-    cfg = load_recipe("tiny")
-    for name, values in sections.items():
-        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **values))
-    return cfg
+def tiny_cfg(*overrides: str) -> Config:
+    return resolve_pretrain_config("tiny", overrides)
 
 
-def make_batch(cfg: PretrainConfig, b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(cfg: Config, b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    stride = cfg.model.build_arch().stride
-    (gh, gw), (lh, lw) = cfg.crops.global_size, cfg.crops.local_size
+    stride = run_arch(cfg.model).stride
+    (gh, gw), (lh, lw) = cfg.model.input_size, cfg.augment.local_size
     masks = sample_masks(2 * b, gh // stride, gw // stride, generator=g)
     return {
         "global_crops": torch.randn(b, 2, 3, gh, gw, generator=g),
-        "local_crops": torch.randn(b, cfg.crops.num_local, 3, lh, lw, generator=g),
+        "local_crops": torch.randn(b, cfg.augment.num_local, 3, lh, lw, generator=g),
         "keep": masks.keep.view(b, 2, -1),
         "masked": masks.masked.view(b, 2, -1),
     }
@@ -61,7 +61,7 @@ def test_step_returns_finite_terms_and_trains_only_the_student(model):
     assert all(torch.isfinite(v) for v in out.values())
     assert out["teacher_temp"].item() == pytest.approx(0.065)
     w = model.cfg.loss
-    expected = w.mae * out["mae"] + w.dino * out["dino"] + w.koleo * out["koleo"]
+    expected = w.mae.weight * out["mae"] + w.dino.weight * out["dino"] + w.koleo.weight * out["koleo"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     out["loss"].backward()
     assert all(p.grad is None for p in model.teacher.parameters())
@@ -69,13 +69,16 @@ def test_step_returns_finite_terms_and_trains_only_the_student(model):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
-def test_centre_moves_in_training_only(model):
+def test_centre_moves_in_training_only_and_once_per_step(model):
     batch = make_batch(model.cfg)
     model.eval()
     model.step(batch, it=0)
+    model.update_center()
     assert model.dino_loss.center.abs().sum() == 0
     model.train()
     model.step(batch, it=0)
+    assert model.dino_loss.center.abs().sum() == 0  # every micro-batch of a step: the same centre
+    model.update_center()
     assert model.dino_loss.center.abs().sum() > 0
 
 
@@ -89,7 +92,7 @@ def test_update_teacher_is_the_ema_formula(model):
     for t_new, t_old, s in zip(model.teacher.parameters(), t_before, s_now, strict=True):
         torch.testing.assert_close(t_new, 0.9 * t_old + 0.1 * s)
     assert model.momentum(0) == pytest.approx(0.9)
-    assert model.momentum(model.cfg.optim.iters) == pytest.approx(1.0)
+    assert model.momentum(model.cfg.train.iterations) == pytest.approx(1.0)
 
 
 def test_parameter_groups_skip_decay_for_norms_biases_and_tokens(model):
@@ -134,15 +137,19 @@ def test_export_teacher_is_a_release_pretrain_checkpoint(model, tmp_path):
 
 
 def test_4k_variant_masks_after_the_tokenizer_and_rebuilds_at_half_resolution():
-    cfg = tiny_cfg(
-        model={"use_tokenizer": True, "num_tokenizer_layers": 1, "patch_size": 16},
-        crops={"global_size": (256, 192), "local_size": (128, 128)},
-        decoder={"target_downsample": 2},
+    cfg = resolve_pretrain_config(
+        "tiny",
+        [
+            "model.size=1b-4k",
+            "model.arch.patch_size=16",
+            "model.input_size=[256, 192]",
+            "augment.local_size=[128, 128]",
+            "loss.mae.target_downsample=2",
+        ],
     )
-    cfg.validate()
     torch.manual_seed(0)
     model = PretrainModel(cfg).train()
-    assert model.arch.stride == 64
+    assert model.arch.stride == 64 and model.arch.use_tokenizer
     assert model.decoder.pred.out_features == 32 * 32 * 3  # a 64-px cell at half resolution
     batch = make_batch(cfg, b=2)
     assert batch["keep"].shape[-1] + batch["masked"].shape[-1] == 4 * 3  # post-tokenizer cells
@@ -155,28 +162,45 @@ def test_4k_variant_masks_after_the_tokenizer_and_rebuilds_at_half_resolution():
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_recipe_loads_validates_and_builds(name):
-    cfg = load_recipe(name)
-    arch = cfg.model.build_arch()
+def test_every_recipe_resolves_and_builds(name):
+    cfg = resolve_pretrain_config(name)
+    arch = run_arch(cfg.model)
     if name != "tiny":
         assert arch == ARCHS[name]
-        assert cfg.crops.num_local == 4 and cfg.masking.ratio == 0.75 and cfg.decoder.layers == 8
+        assert cfg.augment.num_local == 4 and cfg.augment.masking.ratio == 0.75
+        assert cfg.loss.mae.decoder_layers == 8 and cfg.loss.dino.prototypes == 65536
+        assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == (1e-4, (0.9, 0.95), 0.05)
+        assert (cfg.schedule.warmup_iters, cfg.schedule.decay, cfg.schedule.final_lr) == (1000, "cosine", 1e-7)
+        assert (cfg.train.iterations, cfg.train.clip_grad, cfg.train.precision) == (500_000, 5.0, "bf16")
     with torch.device("meta"):
         model = PretrainModel(cfg)
-    unit = arch.stride // cfg.decoder.target_downsample
+    unit = arch.stride // cfg.loss.mae.target_downsample
     assert model.decoder.pred.out_features == unit * unit * 3
-    assert cfg.to_dict() == PretrainConfig.from_dict(cfg.to_dict()).to_dict()
 
 
 def test_recipes_cover_every_released_size():
     assert set(ARCHS) | {"tiny"} == set(RECIPES)
 
 
-def test_unknown_keys_fail_with_a_suggestion():
-    with pytest.raises(ValueError, match=r"unknown key 'protoypes'.*did you mean 'prototypes'"):
-        PretrainConfig.from_dict({"dino": {"protoypes": 3}})
-    with pytest.raises(ValueError, match="expected int"):
-        PretrainConfig.from_dict({"data": {"batch_size": "8"}})
-    with pytest.raises(ValueError, match="multiple of 16"):
-        PretrainConfig.from_dict({"model": {"arch": "0.4b"}, "crops": {"global_size": [100, 96]}}).validate()
-    assert PretrainConfig.from_dict({"optim": {"lr": "1e-4"}}).optim.lr == 1e-4
+def test_tiny_recipe_keeps_its_architecture():
+    arch = run_arch(tiny_cfg().model)
+    assert (arch.embed_dims, arch.num_layers, arch.num_heads, arch.feedforward_channels) == (64, 4, 4, 256)
+    assert (arch.patch_size, arch.n_storage_tokens, arch.use_tokenizer) == (8, 2, False)
+
+
+def test_bad_keys_and_values_fail_naming_the_key():
+    with pytest.raises(ConfigError, match=r"'loss.dino.protoypes' \(did you mean 'loss.dino.prototypes'"):
+        tiny_cfg("loss.dino.protoypes=3")
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        tiny_cfg("train.batch_size='8'")
+    with pytest.raises(ConfigError, match=r"augment.local_size \[36, 32\] .* multiples of the 8-px cell"):
+        tiny_cfg("augment.local_size=[36, 32]")
+    with pytest.raises(ConfigError, match="KoLeo"):
+        tiny_cfg("train.batch_size=1")
+    with pytest.raises(ConfigError, match="optim.layer_decay must be null"):
+        tiny_cfg("optim.layer_decay=0.9")
+    with pytest.raises(ConfigError, match="data.val is not used"):
+        tiny_cfg("data.val=[x]")
+    with pytest.raises(ConfigError, match="loss.mae.target_downsample 3"):
+        tiny_cfg("loss.mae.target_downsample=3")
+    assert tiny_cfg("optim.lr=1e-4").optim.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string

@@ -195,6 +195,73 @@ def finetune_cmd(
         _exit(str(err), EXIT_FAILED)
 
 
+@main.command("pretrain")
+@click.option(
+    "--recipe",
+    help="Recipe: tiny, a size (0.1b, 0.4b, 0.8b, 1b, 5b, 1b-4k) or a .yaml file.",
+)
+@click.option("--data", help="Folder of images or WebDataset .tar shards; sets data.train.")
+@click.option("-o", "--output", help="Run folder (config, metrics, checkpoints, weights).")
+@click.option("--resume", is_flag=True, help="Continue the run in the output folder if any.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the resolved config only.")
+@click.option(
+    "--stop-at",
+    type=click.IntRange(min=1),
+    help="Stop after this step with a checkpoint (time-limited jobs); continue with --resume.",
+)
+@click.argument("overrides", nargs=-1)
+def pretrain_cmd(
+    recipe: str | None,
+    data: str | None,
+    output: str | None,
+    resume: bool,
+    dry_run: bool,
+    stop_at: int | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Pretrain a Sapiens2 backbone (masked reconstruction + self-distillation): a recipe, then
+    key=value overrides (train.batch_size=16 ...). Writes the teacher backbone to
+    OUTPUT/final.safetensors.
+
+    Several GPUs or nodes: torchrun --nproc-per-node 8 -m sapiens2_cli pretrain ...
+    """
+    import os
+    from pathlib import Path
+
+    from sapiens2_cli.train.config import ConfigError
+
+    if recipe is None and resume and output and (Path(output) / "config.yaml").is_file():
+        recipe = str(Path(output) / "config.yaml")
+    if recipe is None:
+        _exit("--recipe is required (tiny, a size such as 1b, or a .yaml file)", EXIT_USAGE)
+    if output is None and not dry_run:
+        _exit("-o/--output is required: the run folder", EXIT_USAGE)
+    from sapiens2_cli.pretrain.run import resolve_pretrain_config
+
+    try:
+        cfg = resolve_pretrain_config(recipe, overrides, data=data)
+    except ConfigError as err:
+        _exit(str(err), EXIT_USAGE)
+    if dry_run:
+        from sapiens2_cli.train.config import to_yaml
+
+        if os.environ.get("RANK", "0") == "0":
+            click.echo(to_yaml(cfg), nl=False)
+        return
+    from sapiens2_cli.hub import HubError
+    from sapiens2_cli.pretrain.run import pretrain
+    from sapiens2_cli.train.files import DataError
+    from sapiens2_cli.train.run_folder import RunError
+    from sapiens2_cli.weights import CheckpointError
+
+    try:
+        pretrain(cfg, output, resume=resume, stop_at=stop_at)
+    except (ConfigError, RunError) as err:
+        _exit(str(err), EXIT_USAGE)
+    except (DataError, CheckpointError, HubError) as err:
+        _exit(str(err), EXIT_FAILED)
+
+
 @main.command("evaluate")
 @click.argument("ref")
 @click.option("-t", "--task", required=True, type=click.Choice(TRAIN_TASKS))

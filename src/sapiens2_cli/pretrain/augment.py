@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from sapiens2_cli.pretrain.config import CropSection, MaskingSection
+from sapiens2_cli.pretrain.config import PretrainAugment
 from sapiens2_cli.pretrain.masking import sample_masks
 
 MEAN_BGR = np.array([103.53, 116.28, 123.675], dtype=np.float32)
@@ -52,7 +52,7 @@ def random_resized_crop(
     return cv2.resize(crop, (out_w, out_h), interpolation=interp)
 
 
-def color_jitter(image: np.ndarray, cfg: CropSection, rng: np.random.Generator) -> np.ndarray:
+def color_jitter(image: np.ndarray, cfg: PretrainAugment, rng: np.random.Generator) -> np.ndarray:
     """Brightness, contrast, saturation factors in ``[1 - s, 1 + s]``; hue shift ``+-hue`` turns."""
     x = image.astype(np.float32)
     x *= rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
@@ -67,7 +67,7 @@ def color_jitter(image: np.ndarray, cfg: CropSection, rng: np.random.Generator) 
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
 
-def local_photometric(image: np.ndarray, cfg: CropSection, rng: np.random.Generator) -> np.ndarray:
+def local_photometric(image: np.ndarray, cfg: PretrainAugment, rng: np.random.Generator) -> np.ndarray:
     """Colour jitter, grayscale, blur and solarisation, each with its probability."""
     if rng.random() < cfg.jitter_prob:
         image = color_jitter(image, cfg, rng)
@@ -89,18 +89,25 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 class MultiCrop:
     """Image -> ``global_crops [G, 3, H, W]``, ``local_crops [L, 3, h, w]``, masks of the globals.
 
-    ``grid`` is the encoder's cell grid of a global crop (``H/stride, W/stride``); ``keep``
-    ``[G, K]`` and ``masked`` ``[G, M]`` index it (``masking.sample_masks``).
+    ``global_size`` is ``(H, W)`` pixels (the run's ``model.input_size``); ``grid`` the
+    encoder's cell grid of a global crop (``H/stride, W/stride``); ``keep`` ``[G, K]`` and
+    ``masked`` ``[G, M]`` index it (``masking.sample_masks``).
     """
 
     def __init__(
-        self, crops: CropSection, masking: MaskingSection, *, grid: tuple[int, int], num_global: int = 2
+        self,
+        augment: PretrainAugment,
+        *,
+        global_size: tuple[int, int],
+        grid: tuple[int, int],
+        num_global: int = 2,
     ) -> None:
-        self.crops, self.masking, self.grid, self.num_global = crops, masking, grid, num_global
+        self.crops, self.masking = augment, augment.masking
+        self.global_size, self.grid, self.num_global = tuple(global_size), grid, num_global
 
     def view(self, image: np.ndarray, rng: np.random.Generator, *, local: bool) -> torch.Tensor:
         c = self.crops
-        size, scale = (c.local_size, c.local_scale) if local else (c.global_size, c.global_scale)
+        size, scale = (c.local_size, c.local_scale) if local else (self.global_size, c.global_scale)
         crop = random_resized_crop(image, size, scale, rng)
         if rng.random() < c.flip_prob:
             crop = crop[:, ::-1]

@@ -45,8 +45,11 @@ class DINOLoss(nn.Module):
 
     over every pair with ``i != j``: global-global across views (never a view with itself)
     and every local with every global; local-local pairs do not exist (teachers are global).
-    The centre ``c`` ``[K]`` is an EMA of the teacher's mean logits:
-    ``c <- m * c + (1 - m) * mean_{j,b} t_j[b]``, averaged over ranks when distributed.
+    The centre ``c`` ``[K]`` is an EMA of the teacher's mean logits over one optimizer step's
+    whole batch: ``c <- m * c + (1 - m) * mean_{j,b} t_j[b]``, the mean taken over every
+    micro-batch (``accumulate``) and every rank (``update_center``). Every micro-batch of a
+    step is therefore centred with the same ``c``, and an accumulated or multi-rank step sees
+    the same centre as one process with the whole batch.
     """
 
     center: torch.Tensor
@@ -56,6 +59,10 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(prototypes))
+        # pending sum of micro-batch means, zero between optimizer steps; a plain attribute (not
+        # a buffer) so that no state dict carries it and DDP does not broadcast it
+        self._pending: torch.Tensor | None = None
+        self._pending_count = 0
 
     def teacher_probs(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
         """``[T, B, K]`` logits -> ``[T, B, K]`` probabilities ``softmax((t - c) / temp)``."""
@@ -70,13 +77,27 @@ class DINOLoss(nn.Module):
         return cross[pairs].mean()
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA of the batch mean of the teacher's ``[T, B, K]`` logits (all ranks)."""
-        batch_center = teacher_logits.float().mean(dim=(0, 1))
+    def accumulate(self, teacher_logits: torch.Tensor) -> None:
+        """Add the mean of this micro-batch's ``[T, B, K]`` teacher logits to the pending update."""
+        mean = teacher_logits.float().mean(dim=(0, 1))  # [K]
+        self._pending = mean if self._pending is None else self._pending + mean
+        self._pending_count += 1
+
+    @torch.no_grad()
+    def update_center(self) -> None:
+        """Apply the pending update (once per optimizer step; collective when distributed).
+
+        Every rank must have accumulated the same number of micro-batches (all ranks run the
+        same steps); a step without any is a no-op everywhere.
+        """
+        if self._pending is None:
+            return
+        batch_center = self._pending / self._pending_count
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
             batch_center /= dist.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        self._pending, self._pending_count = None, 0
 
 
 def koleo_loss(x: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""Per-iteration schedules: learning rate, teacher temperature, teacher EMA momentum.
+"""Per-iteration schedules of the objective: teacher temperature, teacher EMA momentum.
 
 ``it`` counts optimizer steps from 0; every function is pure, so a resumed run recomputes the
-same values from the step alone.
+same values from the step alone. The learning rate follows the shared schedule
+(``train/optim.py``: linear warm-up, then cosine to ``schedule.final_lr``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,6 @@ def cosine(it: int, total: int, start: float, end: float) -> float:
     if total <= 0 or it >= total:
         return end
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * it / total))
-
-
-def learning_rate(it: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up ``lr * (it + 1) / warmup`` for ``it < warmup``, then cosine to ``min_lr``."""
-    if it < warmup:
-        return lr * (it + 1) / warmup
-    return cosine(it - warmup, total - warmup, lr, min_lr)
 
 
 def teacher_temperature(it: int, *, start: float, end: float, warmup: int) -> float:
