@@ -275,13 +275,11 @@ def _check_ranges(section: Any, where: str) -> None:
 
 # --------------------------------------------------------------------------- recipes
 def available_recipes() -> list[str]:
-    """Names of the fine-tuning recipes shipped with the package (``<task>/<size>``), sorted.
-
-    ``recipes/pretrain/`` holds the pretraining recipes, which have their own schema."""
+    """Names of the recipes shipped with the package (``<task>/<size>``, pretraining included), sorted."""
     return sorted(
         p.relative_to(RECIPES_DIR).with_suffix("").as_posix()
         for p in RECIPES_DIR.rglob("*.yaml")
-        if not p.name.startswith("_") and p.relative_to(RECIPES_DIR).parts[0] != "pretrain"
+        if not p.name.startswith("_")
     )
 
 
