@@ -1,7 +1,8 @@
 """Model-level parity with the official code: every case in $SAPIENS2_FIXTURES/parity.
 
 A new case folder is picked up with no code change. Each Sapiens2 case is loaded strictly
-through ``load_model`` and every stored output must match within the case's atol/rtol.
+through ``load_model``, with fused and with separate q/k/v projections, and every stored output
+must match within the case's atol/rtol.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ def test_parity_cases_found():
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "separate_qkv"])
 @pytest.mark.parametrize("case", MODEL_CASES, ids=lambda p: p.name)
-def test_model_parity(case):
+def test_model_parity(case, fused):
     cfg = json.loads((case / "config.json").read_text())
     io = load_file(case / "io.safetensors")
-    model = load_model(case / "model.safetensors")
+    model = load_model(case / "model.safetensors", fuse_qkv=fused)
     assert model.task == cfg["task"]
     tol = dict(atol=cfg["atol"], rtol=cfg["rtol"])
     x = io["input"]

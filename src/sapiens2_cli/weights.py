@@ -222,6 +222,7 @@ def load_model(
     task: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    fuse_qkv: bool = True,
 ) -> Sapiens2Model:
     """Load a Sapiens2 model strictly from a zoo name, Hub repo id or local safetensors file.
 
@@ -231,6 +232,8 @@ def load_model(
             checkpoint loads its backbone only.
         device: where the weights are materialised (``"cpu"``, ``"cuda:0"``, ``"mps"``...).
         dtype: parameter dtype (fp32, bf16 or fp16); the RoPE periods always stay bf16.
+        fuse_qkv: build one q/k/v projection per attention layer (``Sapiens2Model.fuse_qkv``),
+            the faster layout for inference; ``state_dict()`` keeps the released keys.
 
     Returns:
         The model in eval mode, with ``.task``, ``.backbone``, ``.decode_head`` and ``.info``.
@@ -264,6 +267,9 @@ def load_model(
             target = ROPE_DTYPE if key.endswith(PERIODS_KEY) else dtype
             state[model_key] = tensor.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the unfused q/k/v tensors are freed as each layer is fused
+    if fuse_qkv:
+        model.fuse_qkv()
     model.info = info
     return model.eval()
 

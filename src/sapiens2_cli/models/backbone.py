@@ -10,7 +10,7 @@ from torch import nn
 from sapiens2_cli.models.arch import BackboneArch
 from sapiens2_cli.models.attention import GroupedQueryAttention
 from sapiens2_cli.models.layers import SwiGLUFFN, rms_norm
-from sapiens2_cli.models.rope import RopePositionEmbedding
+from sapiens2_cli.models.rope import RopePositionEmbedding, with_prefix
 
 NUM_PREFIX_CLS = 1
 TOKENIZER_CHUNK = 1024  # windows per tokenizer pass: bounds memory at 4K input
@@ -165,7 +165,7 @@ class Sapiens2Backbone(nn.Module):
             sin, cos = sin[keep][:, None], cos[keep][:, None]  # [B, 1, K, d]
         prefix = torch.cat([self.cls_token, self.storage_tokens], dim=1).expand(b, -1, -1)
         x = torch.cat([prefix.to(x.dtype), x], dim=1)
-        rope = (sin, cos)
+        rope = with_prefix(sin, cos, self.num_prefix)  # [..., prefix + N, d]: every token
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)

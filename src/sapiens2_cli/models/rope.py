@@ -49,7 +49,10 @@ class RopePositionEmbedding(nn.Module):
         if torch.compiler.is_compiling():
             # traced (torch.compile / torch.export): fake tensors have no data pointer to key on
             return self.tables(h, w)
-        key = (h, w, self.periods.device, self.periods._version, self.periods.data_ptr())
+        periods = self.periods
+        # inference tensors (a model loaded under torch.inference_mode) keep no version counter
+        version = None if periods.is_inference() else periods._version
+        key = (h, w, periods.device, version, periods.data_ptr())
         cached = self._cache.get(key)
         if cached is None:
             cached = self._cache[key] = self.tables(h, w)
@@ -81,11 +84,25 @@ def round_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(ROPE_DTYPE).to(x.dtype)
 
 
+def with_prefix(sin: torch.Tensor, cos: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables for ``prefix`` unrotated tokens followed by the patches: ``[..., prefix + N, d]``.
+
+    The prefix rows are the identity rotation (``sin = 0``, ``cos = 1``): ``x * 1 + r * 0`` is
+    ``x`` exactly in bf16 (and in the float32-with-rounding form), so rotating every token with
+    these tables gives the same values as rotating the patches alone, without slicing the
+    patches out and concatenating the prefix back in every layer.
+    """
+    shape = (*sin.shape[:-2], prefix, sin.shape[-1])
+    zeros = sin.new_zeros(shape)
+    return torch.cat([zeros, sin], dim=-2), torch.cat([zeros + 1, cos], dim=-2)
+
+
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate the last ``N = sin.shape[0]`` tokens of ``x`` ``[B, heads, n, d]`` in bf16.
+    """Rotate the last ``N = sin.shape[-2]`` tokens of ``x`` ``[B, heads, n, d]`` in bf16.
 
     The prefix tokens (cls, storage) are not rotated but still pass through the bf16 cast,
-    as in the official model. Returns ``x``'s dtype.
+    as in the official model. Returns ``x``'s dtype. Tables covering all ``n`` tokens (see
+    ``with_prefix``) skip the split into prefix and patches.
 
     With bf16 tables the arithmetic runs in bf16 (eager). With float32 tables holding bf16
     values (what ``export`` bakes into graphs for runtimes without bf16 arithmetic kernels,
@@ -100,6 +117,8 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(sin.dtype)
         prefix = x.shape[-2] - sin.shape[-2]
+        if prefix == 0:
+            return (x * cos + _rotate_half(x) * sin).to(dtype)
         patches = x[:, :, prefix:]
         rotated = patches * cos + _rotate_half(patches) * sin
         return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
@@ -113,4 +132,6 @@ def _apply_rope_rounded(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -
         prefix = x.shape[-2] - sin.shape[-2]
         patches = x[:, :, prefix:]
         rotated = round_bf16(round_bf16(patches * cos) + round_bf16(_rotate_half(patches) * sin))
+        if prefix == 0:
+            return rotated.to(dtype)
         return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sapiens2_cli.models.arch import BackboneArch
+from sapiens2_cli.models.attention import fuse_qkv
 from sapiens2_cli.models.backbone import Sapiens2Backbone
 from sapiens2_cli.models.heads import HeadConfig, build_head
 
@@ -48,6 +49,15 @@ class Sapiens2Model(nn.Module):
         self.backbone = Sapiens2Backbone(arch)
         self.decode_head = build_head(head) if head is not None else None
         self.info: ModelInfo | None = None
+
+    def fuse_qkv(self) -> Sapiens2Model:
+        """One q/k/v projection per attention layer, for inference; returns ``self``.
+
+        ``state_dict()``, ``save_model`` and ``load_state_dict`` keep the released
+        ``wq``/``wk``/``wv`` keys. Idempotent.
+        """
+        fuse_qkv(self)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(x)  # [B, D, h, w]

@@ -1,0 +1,53 @@
+"""The forward benchmark runs end to end on a tiny model, and its peer comparison is sound.
+
+transformers is a benchmark-only extra (``pip install .[benchmarks]``); without it the
+comparison with the peer is skipped, our own rows still run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TINY = ["--size", "tiny", "--height", "64", "--width", "48", "--iters", "1", "--no-peak"]
+
+
+def _forward_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_forward", REPO / "benchmarks" / "forward.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_our_variants_agree_and_every_batch_is_timed(tmp_path):
+    forward = _forward_module()
+    impls = "ours,ours-fused,ours-legacy"
+    records = forward.main(
+        [*TINY, "--part", "task", "--impl", impls, "--dtype", "fp32,bf16", "--batch", "1,2",
+         "--cache", str(tmp_path), "--out", str(tmp_path / "r.jsonl")]
+    )  # fmt: skip
+    assert len(records) == 3 * 2 * 2 == len((tmp_path / "r.jsonl").read_text().splitlines())
+    for r in records:
+        assert r["images_per_s"] > 0 and r["gflop_per_image"] > 0 and len(r["wall_s"]) == 1
+        if r["dtype"] == "fp32":  # the optimisations change no float32 result here
+            assert r["check_max_abs"] == 0, r["impl"]
+        else:
+            assert 0 < r["check_max_rel"] < 0.1, r["impl"]  # bf16: rounded, not broken
+
+
+def test_transformers_matches_once_rope_is_the_official_one(tmp_path):
+    pytest.importorskip("transformers.models.sapiens2")
+    forward = _forward_module()
+    for part in ("backbone", "task"):
+        (record,) = forward.main([*TINY, "--part", part, "--impl", "hf", "--cache", str(tmp_path)])
+        # as shipped, transformers' float32 RoPE moves the outputs by ~1e-2 relative
+        assert record["hf_fp32_rope_max_rel"] > 1e-4
+        assert record["hf_bf16_rope_max_abs"] < 1e-5
