@@ -52,7 +52,7 @@ def test_globs_keep_paths_below_their_fixed_part(tree):
     assert rels(collect(["photos/**/*.jpg"])) == ["a", "sub/h"]
     assert rels(collect(["photos/*"])) == ["B", "a", "c", "d", "e", "f", "g"]
     c = collect(["photos/*.gif"])
-    assert not c.items and c.problems[0].reason == "no image file matches this pattern"
+    assert not c.items and c.problems[0].reason == "no image or video file matches this pattern"
 
 
 def test_lists_and_stdin_use_the_deepest_common_folder(tree):

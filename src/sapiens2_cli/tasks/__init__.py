@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-TASK_NAMES: tuple[str, ...] = ("seg", "normal", "pointmap", "albedo")
+TASK_NAMES: tuple[str, ...] = ("seg", "normal", "pointmap", "albedo", "pretrain")
 
 if TYPE_CHECKING:
     from sapiens2_cli.tasks.base import Task
@@ -22,9 +22,11 @@ def __getattr__(name: str) -> Any:
         from sapiens2_cli.tasks.albedo import AlbedoTask
         from sapiens2_cli.tasks.normal import NormalTask
         from sapiens2_cli.tasks.pointmap import PointmapTask
+        from sapiens2_cli.tasks.pretrain import PretrainTask
         from sapiens2_cli.tasks.seg import SegTask
 
-        tasks = {"seg": SegTask(), "normal": NormalTask(), "pointmap": PointmapTask(), "albedo": AlbedoTask()}
+        tasks = {"seg": SegTask(), "normal": NormalTask(), "pointmap": PointmapTask(), "albedo": AlbedoTask(),
+                 "pretrain": PretrainTask()}  # fmt: skip
         globals()["TASKS"] = tasks
         return tasks
     raise AttributeError(f"module 'sapiens2_cli.tasks' has no attribute {name!r}")
