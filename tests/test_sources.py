@@ -138,6 +138,8 @@ def test_videos_are_items_and_their_frames_have_their_own_names(tmp_path):
 
 
 def test_an_image_among_a_videos_frames_is_a_collision(tmp_path):
-    touch(tmp_path / "in", "clip.mp4", "clip/000001.png")
+    touch(tmp_path / "in", "clip.mp4", "clip/notes.png")
+    assert rels(collect([str(tmp_path / "in")], recursive=True)) == ["clip", "clip/notes"]
+    touch(tmp_path / "in", "clip/000001.png")
     with pytest.raises(SourceError, match="the frames of"):
         collect([str(tmp_path / "in")], recursive=True)

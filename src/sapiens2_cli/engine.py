@@ -33,6 +33,7 @@ from sapiens2_cli.plan import PredictOptions, Work
 from sapiens2_cli.progress import Progress
 from sapiens2_cli.readers import ReadError, prefetch, read_image
 from sapiens2_cli.runinfo import Failure, RunRecord
+from sapiens2_cli.sources import Item
 from sapiens2_cli.streams import VideoStreams
 from sapiens2_cli.tasks.base import ModelInput
 from sapiens2_cli.tasks.tiled import TiledAccumulator
@@ -96,7 +97,7 @@ class Runner:
         task_objects = {name: lt.task for name, lt in tasks.items()}
         self.streams = VideoStreams(self.output, task_objects, fmt=options.fmt, vis=options.vis)
         self.frame_options = frames.frame_options(
-            task_objects, tasks, output=self.output, fmt=options.fmt, vis=options.vis, overwrite=options.overwrite,
+            task_objects, output=self.output, fmt=options.fmt, vis=options.vis, overwrite=options.overwrite,
             stride=options.stride, start=options.start, end=options.end,
         )  # fmt: skip
 
@@ -270,7 +271,6 @@ class Runner:
                 else:
                     pred = task.postprocess(state.raws[name], state.inputs[name], state.image.shape[:2])
         except (RuntimeError, ValueError) as err:
-            self.streams.drop(item, name)
             return state, name, Failure.of(item, f"post-processing failed ({err})", name), time.perf_counter() - t0, 0.0
         finally:
             state.raws[name] = []  # free device memory early
@@ -291,7 +291,6 @@ class Runner:
         except ITEM_ERRORS as err:
             for target in written:
                 target.unlink(missing_ok=True)
-            self.streams.drop(item, name)
             return state, name, Failure.of(item, f"cannot write outputs ({err})", name), t1 - t0, 0.0
         return state, name, None, t1 - t0, time.perf_counter() - t1
 
@@ -310,7 +309,7 @@ class Runner:
     def close_task(self, state: ItemState, name: str, failure: Failure | None) -> None:
         self.record.per_task[name]["failed" if failure else "ok"] += 1
         if failure is not None:
-            self.streams.drop(state.work.item, name)  # no-op unless a stream still waits for it
+            self.streams.drop(state.work.item, name)  # the frame's video streams go on without it
             state.failures.append(failure)
             self.record.failures.append(failure)
             self.progress.error(failure.line())
@@ -335,7 +334,7 @@ class Runner:
 
     # ----------------------------------------------------------------- videos
 
-    def count_frame(self, item: Any, tasks: Sequence[str]) -> None:
+    def count_frame(self, item: Item, tasks: Sequence[str]) -> None:
         """A frame of a video joins the run's items; the tasks it does not need are skipped."""
         self.record.total += 1
         for name in self.tasks:

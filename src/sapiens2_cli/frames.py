@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from sapiens2_cli.plan import Work
 from sapiens2_cli.sources import Item
-from sapiens2_cli.tasks.base import OutputFormat
+from sapiens2_cli.tasks.base import FileSpec, OutputFormat, Task
 from sapiens2_cli.video import FrameError, VideoError, VideoInfo, iter_frames, probe
 from sapiens2_cli.writers import PART_SUFFIX
 
@@ -83,19 +83,19 @@ class FrameOptions:
     """What to decode and which files count as done (``specs``: task -> (per-frame, per-video) files)."""
 
     output: Path
-    specs: dict[str, tuple[list, list]]
+    specs: dict[str, tuple[list[FileSpec], list[FileSpec]]]
     overwrite: bool = False
     stride: int = 1
     start: str | None = None
     end: str | None = None
 
 
-def frame_options(tasks: Any, names: Iterable[str], *, output: Path, fmt: OutputFormat, vis: bool,
+def frame_options(tasks: Mapping[str, Task], *, output: Path, fmt: OutputFormat, vis: bool,
                   overwrite: bool, stride: int, start: str | None, end: str | None) -> FrameOptions:  # fmt: skip
-    """:class:`FrameOptions` for ``names`` of the task registry ``tasks``."""
+    """:class:`FrameOptions` for the tasks of a run (name -> task)."""
     specs = {}
-    for name in names:
-        files = tasks[name].video_files(fmt, vis)
+    for name, task in tasks.items():
+        files = task.video_files(fmt, vis)
         specs[name] = ([s for s in files if not s.stream], [s for s in files if s.stream])
     return FrameOptions(output=output, specs=specs, overwrite=overwrite, stride=stride, start=start, end=end)
 
@@ -151,8 +151,10 @@ def _video(w: Work, options: FrameOptions) -> Iterator[Event]:
         if options.specs[t][1] and (options.overwrite or not all(s.path(out, t, item).exists() for s in options.specs[t][1]))
     )  # fmt: skip
     yield VideoStart(item, info, w.tasks, streams, _estimate(info, options))
+    last = None
     try:
         for frame in iter_frames(item.path, stride=options.stride, start=options.start, end=options.end):
+            last = frame.index
             if isinstance(frame, FrameError):
                 yield FrameFailed(item.at_frame(frame.index, frame.time or 0.0), w.tasks, frame.reason)
                 continue
@@ -163,7 +165,8 @@ def _video(w: Work, options: FrameOptions) -> Iterator[Event]:
             )  # fmt: skip
             yield FrameJob(Work(at, todo), frame.image, frame.pts) if todo else FrameSkipped(at)
     except (VideoError, OSError, av.error.FFmpegError) as err:
-        yield VideoEnd(item, f"decoding stopped ({err})")
+        where = "before the first frame" if last is None else f"after frame {last}"
+        yield VideoEnd(item, f"decoding stopped {where} ({err})")
         return
     yield VideoEnd(item)
 

@@ -13,8 +13,8 @@ stdin paths are taken relative to the current directory. Every item gets a *rela
 
 Folders and globs keep only image and video extensions (case-insensitive) and skip hidden
 files and folders (names starting with ``.``). Items are sorted by ``rel``; two inputs with the
-same ``rel`` are an error before anything runs, and so are images whose outputs would land
-among a video's frames.
+same ``rel`` are an error before anything runs, and so are images whose outputs would take a
+video frame's name (``clip/000042.png`` beside ``clip.mp4``).
 
 A video is one item here (sharding and the order treat it as a unit); the run loop expands it
 into frame items as it decodes (:mod:`sapiens2_cli.frames`): the same ``path`` and ``rel`` with
@@ -214,8 +214,8 @@ def unique_sorted(items: Iterable[Item]) -> list[Item]:
             clashes.append(f"{seen.path} and {item.path} -> {item.rel}")
     videos = {rel for rel, item in by_rel.items() if item.is_video}
     for rel, item in by_rel.items():
-        parent = rel.rpartition("/")[0]
-        if parent in videos and not item.is_video:
+        parent, _, name = rel.rpartition("/")
+        if parent in videos and not item.is_video and len(name) == 6 and name.isdigit():
             clashes.append(f"{item.path} and the frames of {by_rel[parent].path} -> {rel}")
     if clashes:
         more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
