@@ -41,7 +41,11 @@ def make_fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commi
     return snap
 
 
-TINY_INPUT_SIZES = {"seg": (128, 96), "pose": (128, 96), "normal": (128, 96), "albedo": (128, 96), "pointmap": (144, 80)}
+TINY_INPUT_SIZES = {
+    "seg": (128, 96), "pose": (128, 96), "normal": (128, 96), "albedo": (128, 96), "pointmap": (144, 80),
+    "pretrain": (192, 128),
+}  # fmt: skip
+PARITY_CASE = {"pretrain": "backbone_tokenizer"}  # the 4K-style backbone with the windowed tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +60,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("tiny_models")
     out = {}
     for task, size in TINY_INPUT_SIZES.items():
-        model = load_model(FIXTURES / "parity" / task / "model.safetensors")
+        model = load_model(FIXTURES / "parity" / PARITY_CASE.get(task, task) / "model.safetensors")
         model.info = dataclasses.replace(model.info, input_size=size)
         out[task] = save_model(model, folder / f"{task}.safetensors")
     return out

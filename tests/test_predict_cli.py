@@ -149,7 +149,7 @@ def test_bad_inputs_fail_one_by_one(tmp_path, tiny_models):
         (["{photos}/astronaut.png", "-t", "seg", "--input-size", "big"], "expected HxW"),
         (["{photos}/astronaut.png", "{tmp}/twin/astronaut.jpg", "-t", "seg"], "same outputs"),
         (["{photos}", "-t", "seg", "-o", "{photos}/out"], "inside the input folder"),
-        (["{tmp}/empty", "-t", "seg"], "no image found"),
+        (["{tmp}/empty", "-t", "seg"], "no image or video found"),
         (["{photos}/astronaut.png", "-t", "seg", "--checkpoint", "{seg}", "--device", "cuda:7"], "cuda"),
     ],
     ids=["missing-ckpt", "bad-size", "pointmap-size", "no-task", "bare-ckpt", "stray-ckpt", "no-such-size",

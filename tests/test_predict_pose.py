@@ -232,3 +232,30 @@ def test_detector_batches_images_and_a_failure_stays_with_its_image(tmp_path, ti
     assert files_under(out / "seg") == {"classes.json", "a.png", "b.png", "c.png"}
     boxes = [[p["bbox"] for p in read_json(out / "pose" / f"{n}.json")["instances"]] for n in "ac"]
     assert boxes == [[[10, 20, 110, 220], [0, 0, 50, 60]]] * 2
+
+
+def test_video_frames_go_through_the_detector(tmp_path, tiny_models):
+    """Pose on a video beside seg: each kept frame is detected (frames batched -b at a time) and
+    gets its own records under OUT/pose/<video>/<frame>.json, one instance per detected person."""
+    from sapiens2_cli.video import VideoFrame, iter_frames
+    from videos import make_video
+
+    clip = make_video(tmp_path / "clip.mp4", frames=8, size=(96, 64))
+    out = tmp_path / "out"
+    result = predict(clip, "-t", "seg", "-t", "pose", "--checkpoint", f"seg={tiny_models['seg']}",
+                     "--checkpoint", f"pose={tiny_models['pose']}", "--detector", DETECTOR, "--stride", 3,
+                     "-b", 2, "-o", out, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kept = [0, 3, 6]
+    assert files_under(out) == {"run.json", "seg/classes.json", "pose/keypoints.json"} | {
+        f"{task}/clip/{i:06d}.{ext}" for i in kept for task, ext in (("seg", "png"), ("pose", "json"))
+    }
+    run = read_json(out / "run.json")
+    assert run["counts"] == {"total": 3, "ok": 3, "skipped": 0, "failed": 0}
+    assert run["per_task"]["pose"] == {"ok": 3, "skipped": 0, "failed": 0}
+    assert run["timings_s"]["detect"] > 0
+    detector = load_detector(DETECTOR)
+    decoded = {f.index: f.image for f in iter_frames(clip) if isinstance(f, VideoFrame)}
+    for i in kept:
+        doc = read_json(out / "pose" / "clip" / f"{i:06d}.json")
+        assert len(doc["instances"]) == len(detector.detect(decoded[i]))

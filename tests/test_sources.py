@@ -52,7 +52,7 @@ def test_globs_keep_paths_below_their_fixed_part(tree):
     assert rels(collect(["photos/**/*.jpg"])) == ["a", "sub/h"]
     assert rels(collect(["photos/*"])) == ["B", "a", "c", "d", "e", "f", "g"]
     c = collect(["photos/*.gif"])
-    assert not c.items and c.problems[0].reason == "no image file matches this pattern"
+    assert not c.items and c.problems[0].reason == "no image or video file matches this pattern"
 
 
 def test_lists_and_stdin_use_the_deepest_common_folder(tree):
@@ -124,3 +124,20 @@ def test_item_output_paths():
     item = Item(Path("x/y/frame.0001.jpg"), "y/frame.0001")
     assert item.output(Path("OUT/seg"), ".png") == Path("OUT/seg/y/frame.0001.png")
     assert os.fspath(Item(Path("p.jpg"), "p").output(Path("o"), ".exr")) == "o/p.exr"
+
+
+def test_videos_are_items_and_their_frames_have_their_own_names(tmp_path):
+    touch(tmp_path / "in", "a.jpg", "clip.MP4", "sub/take.mov", "sub/notes.txt")
+    c = collect([str(tmp_path / "in")], recursive=True)
+    assert [(i.rel, i.is_video) for i in c.items] == [("a", False), ("clip", True), ("sub/take", True)]
+    frame = c.items[2].at_frame(42, 1.4)
+    assert (frame.frame, frame.time, frame.is_video) == (42, 1.4, True)
+    assert os.fspath(frame.output(Path("o"), ".png")) == "o/sub/take/000042.png"
+    assert os.fspath(frame.video_output(Path("o"), ".mp4")) == "o/sub/take.mp4"
+    assert rels(collect([str(tmp_path / "in" / "*")])) == ["a", "clip"]
+
+
+def test_an_image_among_a_videos_frames_is_a_collision(tmp_path):
+    touch(tmp_path / "in", "clip.mp4", "clip/000001.png")
+    with pytest.raises(SourceError, match="the frames of"):
+        collect([str(tmp_path / "in")], recursive=True)

@@ -36,7 +36,7 @@ def test_rendered_files_are_the_declared_files(name, tiny_models):
         raw = task.forward(model, normalize(torch.from_numpy(np.stack([i.pixels for i in inputs]))))
         pred = task.postprocess([unbatch(raw, i) for i in range(len(inputs))], inputs, image.shape[:2])
     item = Item(PHOTO, "sub/photo")
-    for fmt in ("exr", "npy"):
+    for fmt in task.formats:
         for vis in (False, True):
             files = task.render(pred, image, fmt, vis)
             assert list(files) == task.files(fmt, vis)
@@ -45,5 +45,5 @@ def test_rendered_files_are_the_declared_files(name, tiny_models):
             assert all(p.parts[:2] == ("OUT", "vis") if s.vis else p.parts[:2] == ("OUT", name)
                        for p, s in zip(paths, files, strict=True))  # fmt: skip
             for content in files.values():
-                if content.kind in ("png", "jpg", "npy", "exr"):
+                if content.kind in ("png", "jpg", "exr") or content.kind == "npy" and name != "pretrain":
                     assert content.data.shape[0] == 300

@@ -400,8 +400,8 @@ def usage_fail(message: str) -> None:
 @click.option("--checkpoint", "checkpoints", multiple=True, metavar="[TASK=]REF",
               help="Zoo name, Hub repo id or local file; TASK=REF when several tasks run.")
 @click.option("--input-size", metavar="HxW", help="Model input size (default: the model's, 1024x768).")
-@click.option("--format", "fmt", default="exr", show_default=True, type=click.Choice(FORMATS),
-              help="Dense maps as EXR or NPY.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
+              help="Dense maps as exr (default) or npy; pretrain features as npy (default) or safetensors.")
 @click.option("--vis", is_flag=True, help="Also write overlays under OUT/vis/<task>/.")
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of folder inputs.")
 @click.option("-b", "--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
@@ -413,6 +413,15 @@ def usage_fail(message: str) -> None:
               help="Skip images whose outputs all exist, or redo everything.")
 @click.option("--shard", metavar="i/N", help="Process every N-th image from the i-th (0-based); "
               "default: the SLURM array task when there is one.")
+@click.option("--tile", default="off", show_default=True, metavar="auto|off|HxW",
+              help="Dense tasks on large images: overlapping tiles at native scale, blended. auto: when a "
+                   "side exceeds 1.5x the model input; HxW: tiles of that size for images larger than one.")
+@click.option("--tile-overlap", type=click.IntRange(min=0), metavar="PX",
+              help="Minimum overlap of neighbouring tiles (default: a quarter of the tile's shorter side).")
+@click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Videos: every N-th frame (frame index divisible by N).")
+@click.option("--start", metavar="POS", help="Videos: first frame, a frame number (120) or a time (4.5s, 01:02.5).")
+@click.option("--end", metavar="POS", help="Videos: stop before this frame or time.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; failures are still printed.")
 @click.option("--bboxes", metavar="FILE", help="Pose: person boxes from a JSON file ({\"<path relative to "
               "the input root>\": [[x1, y1, x2, y2, score?], ...]} or COCO) instead of the detector.")
@@ -429,20 +438,23 @@ def usage_fail(message: str) -> None:
 @click.option("--thickness", type=click.IntRange(min=1), help="Pose --vis: link width, px [8 at a 1920 px long side].")
 @click.option("--no-flip-test", is_flag=True, help="Pose: no flip test (half the model time, less accurate).")
 def predict_cmd(inputs: tuple[str, ...], output: str, tasks: tuple[str, ...], size: str,
-                checkpoints: tuple[str, ...], input_size: str | None, fmt: str, vis: bool, recursive: bool,
+                checkpoints: tuple[str, ...], input_size: str | None, fmt: str | None, vis: bool, recursive: bool,
                 batch_size: int, workers: int | None, device: str, precision: str, compile_: bool,
-                skip_existing: bool, shard: str | None, quiet: bool, bboxes: str | None, detector: str | None,
+                skip_existing: bool, shard: str | None, tile: str, tile_overlap: int | None, stride: int,
+                start: str | None, end: str | None, quiet: bool, bboxes: str | None, detector: str | None,
                 bbox_thr: float, nms_thr: float, keypoint_format: str, kpt_thr: float, radius: int | None,
                 thickness: int | None, no_flip_test: bool) -> None:  # fmt: skip
-    """Run seg / pose / normal / pointmap / albedo on images: files, folders, globs, .txt lists or - (stdin).
+    """Run seg / pose / normal / pointmap / albedo / pretrain on images and videos: files, folders,
+    globs, .txt lists or - (stdin).
 
-    Outputs go to OUT/<task>/<input path relative to its root>.<ext>, with OUT/run.json
-    describing the run. Exit 0 when every image succeeded, 1 when any failed, 2 on usage errors.
+    Outputs go to OUT/<task>/<input path relative to its root>.<ext> (video frames:
+    OUT/<task>/<video>/<frame:06d>.<ext>), with OUT/run.json describing the run. Exit 0 when
+    every image and frame succeeded, 1 when any failed, 2 on usage errors.
     """
     import signal
 
     from sapiens2_cli.hub import HubError
-    from sapiens2_cli.plan import PlanError, PredictOptions, parse_input_size
+    from sapiens2_cli.plan import PlanError, PredictOptions, parse_input_size, parse_tile
     from sapiens2_cli.sources import SourceError, parse_shard
     from sapiens2_cli.tasks.pose_options import PoseOptions
 
@@ -456,7 +468,8 @@ def predict_cmd(inputs: tuple[str, ...], output: str, tasks: tuple[str, ...], si
             input_size=parse_input_size(input_size) if input_size else None, fmt=fmt, vis=vis,
             recursive=recursive, batch_size=batch_size, workers=workers, device=device,
             precision=precision, compile=compile_, overwrite=not skip_existing,
-            shard=parse_shard(shard) if shard else None, quiet=quiet, pose=pose,
+            shard=parse_shard(shard) if shard else None, tile=parse_tile(tile), tile_overlap=tile_overlap,
+            stride=stride, start=start, end=end, quiet=quiet, pose=pose,
             command=("sapiens2", *click.get_current_context().meta.get(ARGV_KEY, sys.argv[1:])),
         )  # fmt: skip
     except ValueError as err:  # PlanError, SourceError, PoseOptions' checks
@@ -490,5 +503,5 @@ def predict_cmd(inputs: tuple[str, ...], output: str, tasks: tuple[str, ...], si
             f"done: {record.ok} ok, {record.skipped} skipped, {record.failed} failed "
             f"of {record.total} -> {output}", err=True,
         )  # fmt: skip
-    sys.exit(EXIT_FAILED if record.failed else 0)
+    sys.exit(EXIT_FAILED if record.failed or record.failures else 0)
 

@@ -2,18 +2,22 @@
 
 Three kinds of threads, so that the model never waits on the disk or the CPU-side work:
 
-1. reader threads (:func:`readers.prefetch`): read, decode, and make each task's model inputs;
-2. the main thread: batches model inputs per task (any mix of images; the inputs of one image
-   stay in one batch unless ``--compile`` fixes the batch size) and runs the
-   :class:`~sapiens2_cli.predict.Predictor`; for a task that needs a detector first (pose),
-   it also runs the detector on batches of images, and crop threads make the model inputs
-   from what it found;
+1. reader threads (:func:`readers.prefetch`): read, decode, and make each task's model inputs
+   (for video frames, decoded ahead on a thread of their own by :mod:`sapiens2_cli.frames`);
+2. the main thread: batches model inputs per task (any mix of images; the inputs of one
+   untiled image stay in one batch unless ``--compile`` fixes the batch size) and runs the
+   :class:`~sapiens2_cli.predict.Predictor`, and folds the outputs of tiles into their
+   image's blend as they come (:mod:`sapiens2_cli.tasks.tiled`), so a tiled frame never holds
+   more than its overlaps; for a task that needs a detector first (pose), it also runs the
+   detector on batches of images, and crop threads make the model inputs from what it found
+   (:mod:`sapiens2_cli.detection_stage`);
 3. writer threads (:class:`writers.WriterPool`): post-process each finished image on the
-   model's device, render overlays, encode and write atomically.
+   model's device, render overlays, encode and write atomically; a video frame's per-video
+   outputs go to its streams (:mod:`sapiens2_cli.streams`).
 
-All bookkeeping (counts, failures, progress) happens on the main thread. A task that fails
-for an image (pre-processing, detector, model, post-processing, writing) fails that image for
-that task only; the image's other tasks go on.
+All bookkeeping (counts, failures, progress) happens on the main thread. A video frame is
+counted as one item. A task that fails for an image (pre-processing, detector, model,
+post-processing, writing) fails that image for that task only; the image's other tasks go on.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,14 +32,21 @@ import cv2
 import numpy as np
 import torch
 
+from sapiens2_cli import frames
+from sapiens2_cli.detection_stage import DetectionStage
 from sapiens2_cli.plan import PredictOptions, Work
 from sapiens2_cli.progress import Progress
 from sapiens2_cli.readers import ReadError, prefetch, read_image
 from sapiens2_cli.runinfo import Failure, RunRecord
+from sapiens2_cli.streams import VideoStreams
 from sapiens2_cli.tasks.base import ModelInput
+from sapiens2_cli.tasks.tiled import TiledAccumulator
+from sapiens2_cli.timing import ForwardTimer
 from sapiens2_cli.writers import WriterPool, write_file
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from sapiens2_cli.predict import LoadedTask
 
 # Errors that belong to one item (a bad file, an odd image, a full disk, out of memory on a
@@ -57,49 +67,12 @@ def image_boundary(queue: Sequence[tuple[Any, int]], size: int) -> int:
     return end
 
 
-class ForwardTimer:
-    """Seconds spent in the model. CUDA kernels run asynchronously, so there the time comes
-    from events recorded around each forward (read at the end, without stalling the queue)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.events: list[tuple[Any, Any]] = []
-
-    def start(self, device: torch.device) -> Any:
-        if device.type == "cuda":
-            begin = torch.cuda.Event(enable_timing=True)
-            begin.record()
-            return begin
-        return time.perf_counter()
-
-    def stop(self, begin: Any) -> None:
-        if isinstance(begin, float):
-            self.seconds += time.perf_counter() - begin
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self.events.append((begin, end))
-        if len(self.events) > 1000:  # keep the list short on long runs: read the finished ones
-            self.events[0][1].synchronize()
-            done = 0  # events on one stream complete in order
-            while done < len(self.events) and self.events[done][1].query():
-                done += 1
-            self.seconds += sum(b.elapsed_time(e) for b, e in self.events[:done]) / 1000
-            del self.events[:done]
-
-    def total(self) -> float:
-        for _, end in self.events:
-            end.synchronize()
-        seconds = self.seconds + sum(b.elapsed_time(e) for b, e in self.events) / 1000
-        self.seconds, self.events = seconds, []
-        return seconds
-
-
 @dataclasses.dataclass
 class Loaded:
     """What a reader thread hands over: the image and its model inputs per task, or the reason it failed."""
 
     work: Work
+    pts: int | None = None  # video frames: the source timestamp
     image: np.ndarray | None = None
     inputs: dict[str, list[ModelInput] | None] = dataclasses.field(default_factory=dict)  # None: detector first
     task_errors: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -115,9 +88,10 @@ class ItemState:
     work: Work
     image: np.ndarray
     inputs: dict[str, list[ModelInput]]  # filled per task once its inputs exist
-    raws: dict[str, list[Any]]
+    raws: dict[str, list[Any]]  # a tile's entry is True once folded into its accumulator
     open_tasks: int
     failures: list[Failure] = dataclasses.field(default_factory=list)
+    accumulators: dict[str, TiledAccumulator] = dataclasses.field(default_factory=dict)
 
 
 class Runner:
@@ -131,19 +105,34 @@ class Runner:
         self.options = options
         self.output = Path(options.output)
         self.queues: dict[str, list[tuple[ItemState, int]]] = {name: [] for name in tasks}
-        self.detect_queues: dict[str, list[ItemState]] = {name: [] for name in tasks}
-        self.crops: list[tuple[ItemState, str, Future]] = []
-        self.crop_pool: ThreadPoolExecutor | None = None
         self.timer = ForwardTimer()
+        self.detection = DetectionStage(
+            tasks, record, batch_size=options.batch_size, workers=options.num_workers, enqueue=self.enqueue,
+            fail=lambda state, name, reason: self.close_task(state, name, Failure.of(state.work.item, reason, name)),
+        )  # fmt: skip
+        self.estimates: dict[str, tuple[int, int]] = {}  # video rel -> (frames expected, total at its start)
+        task_objects = {name: lt.task for name, lt in tasks.items()}
+        self.streams = VideoStreams(self.output, task_objects, fmt=options.fmt, vis=options.vis)
+        self.frame_options = frames.frame_options(
+            task_objects, tasks, output=self.output, fmt=options.fmt, vis=options.vis, overwrite=options.overwrite,
+            stride=options.stride, start=options.start, end=options.end,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- reader threads
 
-    def load(self, work: Work) -> Loaded:
-        """Read, decode and pre-process one item (runs on a reader thread)."""
-        loaded = Loaded(work)
+    def load(self, job: Work | frames.Event) -> Loaded | frames.Event:
+        """Read, decode and pre-process one image or decoded frame (runs on a reader thread);
+        the other video events pass through."""
+        if isinstance(job, frames.FrameJob):
+            work, pts, image = job.work, job.pts, job.image
+        elif isinstance(job, Work):
+            work, pts, image = job, None, None
+        else:
+            return job
+        loaded = Loaded(work, pts)
         t0 = time.perf_counter()
         try:
-            image = read_image(work.item.path)
+            image = read_image(work.item.path) if image is None else image
         except ReadError as err:
             loaded.error = str(err)
             return loaded
@@ -151,23 +140,13 @@ class Runner:
             loaded.decode_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         for name in work.tasks:
-            lt = self.tasks[name]
             try:
-                loaded.inputs[name] = lt.task.prepare_item(image, lt.input_hw, work.item)
+                loaded.inputs[name] = self.tasks[name].prepare_item(image, work.item)
             except (ValueError, cv2.error) as err:
                 loaded.task_errors[name] = f"cannot pre-process ({err})"
         loaded.preprocess_s = time.perf_counter() - t1
         loaded.image = image
         return loaded
-
-    def crop_job(self, name: str, image: np.ndarray, found: Any) -> tuple[list[ModelInput] | str, float]:
-        """Model inputs from a detector's result (runs on a crop thread); an error as a reason."""
-        lt = self.tasks[name]
-        t0 = time.perf_counter()
-        try:
-            return lt.task.prepare_detected(image, lt.input_hw, found), time.perf_counter() - t0
-        except (ValueError, cv2.error) as err:
-            return f"cannot pre-process ({err})", time.perf_counter() - t0
 
     # ----------------------------------------------------------------- main thread
 
@@ -182,17 +161,19 @@ class Runner:
         cv_threads = cv2.getNumThreads()
         cv2.setNumThreads(1)
         start = time.perf_counter()
+        jobs = frames.in_background(frames.expand(work, self.frame_options), depth=2)
         try:
             wait_start = time.perf_counter()
-            for _, loaded in prefetch(work, self.load, workers=workers, depth=depth):
+            for _, loaded in prefetch(jobs, self.load, workers=workers, depth=depth):
                 self.record.timings["wait_for_input"] += time.perf_counter() - wait_start
-                self.accept(loaded)
-                self.harvest_crops()
+                if isinstance(loaded, Loaded):
+                    self.accept(loaded)
+                else:
+                    self.video_event(loaded)
+                self.detection.harvest()
                 self.collect(self.pool.harvest())
                 wait_start = time.perf_counter()
-            for name in self.detect_queues:
-                self.flush_detection(name, final=True)
-            self.harvest_crops(wait=True)
+            self.detection.finish()
             for name in self.queues:
                 self.flush(name, final=True)
             self.collect(self.pool.drain())
@@ -202,9 +183,10 @@ class Runner:
             self.collect(self.pool.drain())
             raise
         finally:
+            jobs.close()
+            self.streams.abort_all()  # only unfinished ones remain: their videos were not done
             self.pool.close()
-            if self.crop_pool is not None:
-                self.crop_pool.shutdown(wait=True, cancel_futures=True)
+            self.detection.close()
             cv2.setNumThreads(cv_threads)
             self.record.processing_s = time.perf_counter() - start
             self.record.timings["forward"] += self.timer.total()
@@ -213,17 +195,20 @@ class Runner:
         self.record.timings["decode"] += loaded.decode_s
         self.record.timings["preprocess"] += loaded.preprocess_s
         work = loaded.work
+        if work.item.frame is not None:
+            self.count_frame(work.item, work.tasks)
         if loaded.error is not None:
-            self.fail_item(work, Failure(str(work.item.path), loaded.error))
+            self.fail_item(work, Failure.of(work.item, loaded.error))
             return
         state = ItemState(work, loaded.image, inputs={}, raws={}, open_tasks=len(work.tasks))
-        path = str(work.item.path)
+        for name in work.tasks:
+            if self.streams.has(work.item, name):
+                self.streams.expect(work.item, name, loaded.pts)
         for name in work.tasks:
             if name in loaded.task_errors:
-                self.close_task(state, name, Failure(path, loaded.task_errors[name], name))
+                self.close_task(state, name, Failure.of(work.item, loaded.task_errors[name], name))
             elif loaded.inputs[name] is None:
-                self.detect_queues[name].append(state)
-                self.flush_detection(name)
+                self.detection.add(state, name)
             else:
                 self.enqueue(state, name, loaded.inputs[name])
 
@@ -231,69 +216,27 @@ class Runner:
         """Queue an image's model inputs for ``name`` and run the batches that are full."""
         state.inputs[name] = inputs
         state.raws[name] = [None] * len(inputs)
-        if not inputs:  # nothing to run
+        acc = TiledAccumulator.of(self.tasks[name].task.tile_rule, inputs)
+        if acc is not None:
+            state.accumulators[name] = acc
+        if not inputs:  # nothing to run (e.g. a pose image with no person)
             self.finish(state, name)
             return
         self.queues[name].extend((state, i) for i in range(len(inputs)))
         self.flush(name)
 
     def flush(self, name: str, *, final: bool = False) -> None:
-        """Run full batches of ``name``'s queue (and the remainder when ``final``)."""
+        """Run full batches of ``name``'s queue (and the remainder when ``final``).
+
+        The inputs of one image (pose: its people) stay in one batch; tiles need not, as they are
+        folded into their image's blend one by one, and ``--compile`` fixes the batch size.
+        """
         queue, size = self.queues[name], self.options.batch_size
+        whole_images = not self.options.compile and self.tasks[name].tiler is None
         while len(queue) >= size or (final and queue):
-            end = min(size, len(queue)) if self.options.compile else image_boundary(queue, size)
+            end = image_boundary(queue, size) if whole_images else min(size, len(queue))
             batch, queue[:] = queue[:end], queue[end:]
             self.run_batch(name, batch)
-
-    def flush_detection(self, name: str, *, final: bool = False) -> None:
-        """Run the detector on full batches of images waiting for it (the rest when ``final``)."""
-        queue, size = self.detect_queues[name], self.options.batch_size
-        while len(queue) >= size or (final and queue):
-            batch, queue[:] = queue[:size], queue[size:]
-            self.detect(name, batch)
-
-    def detect(self, name: str, batch: list[ItemState]) -> None:
-        """One detector batch; each image's result goes to a crop thread."""
-        lt = self.tasks[name]
-        t0 = time.perf_counter()
-        try:
-            found = lt.task.detect([state.image for state in batch])
-        except (RuntimeError, ValueError) as err:
-            self.record.timings["detect"] += time.perf_counter() - t0
-            if len(batch) > 1:  # e.g. out of memory: retry one by one, so only the culprit fails
-                if lt.predictor.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                for state in batch:
-                    self.detect(name, [state])
-                return
-            state = batch[0]
-            self.close_task(state, name, Failure(str(state.work.item.path), f"person detector failed ({err})", name))
-            return
-        self.record.timings["detect"] += time.perf_counter() - t0
-        workers = self.options.num_workers
-        for state, result in zip(batch, found, strict=True):
-            if workers == 0:
-                future: Future = Future()
-                future.set_result(self.crop_job(name, state.image, result))
-            else:
-                if self.crop_pool is None:
-                    self.crop_pool = ThreadPoolExecutor(max(1, workers // 2), thread_name_prefix="sapiens2-crop")
-                future = self.crop_pool.submit(self.crop_job, name, state.image, result)
-            self.crops.append((state, name, future))
-
-    def harvest_crops(self, *, wait: bool = False) -> None:
-        """Queue the model inputs of finished crop jobs (of all of them when ``wait``)."""
-        jobs, self.crops = self.crops, []
-        for state, name, future in jobs:
-            if not (wait or future.done()):
-                self.crops.append((state, name, future))
-                continue
-            inputs, seconds = future.result()
-            self.record.timings["preprocess"] += seconds
-            if isinstance(inputs, str):
-                self.close_task(state, name, Failure(str(state.work.item.path), inputs, name))
-            else:
-                self.enqueue(state, name, inputs)
 
     def run_batch(self, name: str, batch: list[tuple[ItemState, int]]) -> None:
         lt = self.tasks[name]
@@ -310,13 +253,32 @@ class Runner:
                     self.run_batch(name, [entry])
                 return
             state = batch[0][0]
-            self.close_task(state, name, Failure(str(state.work.item.path), f"model failed ({err})", name))
+            self.close_task(state, name, Failure.of(state.work.item, f"model failed ({err})", name))
             return
         self.timer.stop(timer)
         for j, (state, i) in enumerate(batch):
-            state.raws[name][i] = unbatch(raw, j)
+            acc = state.accumulators.get(name)
+            if acc is None:
+                state.raws[name][i] = unbatch(raw, j)
+            elif not state.raws[name] or not self.fold(state, name, acc, i, unbatch(raw, j)):
+                continue  # this image's blend already failed
             if all(r is not None for r in state.raws[name]):
                 self.finish(state, name)
+
+    def fold(self, state: ItemState, name: str, acc: TiledAccumulator, index: int, raw: Any) -> bool:
+        """Blend one tile's output into its image (in tile order, so results are reproducible)."""
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                acc.add(index, raw)
+        except (RuntimeError, ValueError) as err:
+            state.raws[name] = []  # the image's other tiles are ignored from now on
+            self.close_task(state, name, Failure.of(state.work.item, f"tile blending failed ({err})", name))
+            return False
+        finally:
+            self.record.timings["tile_blend"] += time.perf_counter() - t0
+        state.raws[name][index] = True
+        return True
 
     def finish(self, state: ItemState, name: str) -> None:
         """Hand one image's raw outputs for ``name`` to a writer thread."""
@@ -330,27 +292,39 @@ class Runner:
         either complete or absent (and redone by the next run).
         """
         task = self.tasks[name].task
-        path = str(state.work.item.path)
+        item = state.work.item
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                pred = task.postprocess(state.raws[name], state.inputs[name], state.image.shape[:2])
+                acc = state.accumulators.pop(name, None)
+                if acc is not None:
+                    pred = acc.result()
+                else:
+                    pred = task.postprocess(state.raws[name], state.inputs[name], state.image.shape[:2])
         except (RuntimeError, ValueError) as err:
-            return state, name, Failure(path, f"post-processing failed ({err})", name), time.perf_counter() - t0, 0.0
+            self.streams.drop(item, name)
+            return state, name, Failure.of(item, f"post-processing failed ({err})", name), time.perf_counter() - t0, 0.0
         finally:
             state.raws[name] = []  # free device memory early
         t1 = time.perf_counter()
         written: list[Path] = []
         try:
-            files = task.render_item(pred, state.image, state.work.item, self.options.fmt, self.options.vis)
+            files = task.render_item(pred, state.image, item, self.options.fmt, self.options.vis)
+            if item.frame is not None:
+                files = task.frame_outputs(files, item)
+            streamed = {spec: content for spec, content in files.items() if spec.stream}
             for spec, content in files.items():
-                target = spec.path(self.output, name, state.work.item)
-                write_file(target, content)
-                written.append(target)
+                if not spec.stream:
+                    target = spec.path(self.output, name, item)
+                    write_file(target, content)
+                    written.append(target)
+            for spec, content in streamed.items():
+                self.streams.put(item, name, spec, content)
         except ITEM_ERRORS as err:
             for target in written:
                 target.unlink(missing_ok=True)
-            return state, name, Failure(path, f"cannot write outputs ({err})", name), t1 - t0, 0.0
+            self.streams.drop(item, name)
+            return state, name, Failure.of(item, f"cannot write outputs ({err})", name), t1 - t0, 0.0
         return state, name, None, t1 - t0, time.perf_counter() - t1
 
     def collect(self, futures: list[Future]) -> None:
@@ -359,12 +333,16 @@ class Runner:
             self.record.timings["postprocess"] += post_s
             self.record.timings["write"] += write_s
             self.close_task(state, name, failure)
+        for failure in self.streams.failures():
+            self.record.failures.append(failure)
+            self.progress.error(failure.line())
 
     # ----------------------------------------------------------------- bookkeeping
 
     def close_task(self, state: ItemState, name: str, failure: Failure | None) -> None:
         self.record.per_task[name]["failed" if failure else "ok"] += 1
         if failure is not None:
+            self.streams.drop(state.work.item, name)  # no-op unless a stream still waits for it
             state.failures.append(failure)
             self.record.failures.append(failure)
             self.progress.error(failure.line())
@@ -386,3 +364,33 @@ class Runner:
             self.record.per_task[name]["failed"] += 1
         self.progress.error(failure.line())
         self.progress.advance(failed=1)
+
+    # ----------------------------------------------------------------- videos
+
+    def count_frame(self, item: Any, tasks: Sequence[str]) -> None:
+        """A frame of a video joins the run's items; the tasks it does not need are skipped."""
+        self.record.total += 1
+        for name in self.tasks:
+            if name not in tasks:
+                self.record.per_task[name]["skipped"] += 1
+
+    def video_event(self, event: frames.Event) -> None:
+        if isinstance(event, frames.VideoStart):
+            self.streams.start(event.item, event.info, event.streams)
+            self.progress.add_total(event.estimate)
+            self.estimates[event.item.rel] = (event.estimate, self.record.total)
+        elif isinstance(event, frames.FrameSkipped):
+            self.count_frame(event.item, ())
+            self.record.skipped += 1
+            self.progress.advance(skipped=1)
+        elif isinstance(event, frames.FrameFailed):
+            self.record.total += 1
+            self.fail_item(Work(event.item, event.tasks), Failure.of(event.item, event.reason))
+        elif isinstance(event, frames.VideoEnd):
+            self.streams.end(event.item, complete=event.error is None)
+            estimate, before = self.estimates.pop(event.item.rel)
+            self.progress.add_total(self.record.total - before - estimate)  # the frames there were
+            if event.error is not None:
+                failure = Failure.of(event.item, event.error)
+                self.record.failures.append(failure)
+                self.progress.error(failure.line())

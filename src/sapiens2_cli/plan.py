@@ -1,8 +1,10 @@
 """What a ``predict`` run will do, decided before anything runs.
 
 :class:`PredictOptions` is the typed form of the command line. :func:`model_refs` decides which
-checkpoint each task uses; :func:`pending_work` which items still need which tasks (sharding
-first, then skip-existing). Every problem found here is a usage error (:class:`PlanError`).
+checkpoint each task uses; :func:`check_options` that the formats, tiling and video options fit
+the tasks; :func:`pending_work` which items still need which tasks (sharding first, then
+skip-existing; a video's frames are checked as they are decoded). Every problem found here is a
+usage error (:class:`PlanError`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from sapiens2_cli.tasks.pose_options import PoseOptions
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-FORMATS: tuple[str, ...] = ("exr", "npy")
+FORMATS: tuple[str, ...] = ("exr", "npy", "safetensors")
+TileMode = Literal["off", "auto"] | tuple[int, int]
 DEFAULT_SIZE = "0.4b"
 PREDICT_SIZES: tuple[str, ...] = tuple(dict.fromkeys(s for t in TASK_NAMES for s in TASK_SIZES[t]))
 
@@ -39,7 +42,7 @@ class PredictOptions:
     size: str = DEFAULT_SIZE
     checkpoints: tuple[str, ...] = ()  # "REF" or "TASK=REF"
     input_size: tuple[int, int] | None = None  # (H, W); None: each model's own
-    fmt: Literal["exr", "npy"] = "exr"
+    fmt: Literal["exr", "npy", "safetensors"] | None = None  # None: each task's default (EXR maps, NPY features)
     vis: bool = False
     recursive: bool = False
     batch_size: int = 1
@@ -49,6 +52,11 @@ class PredictOptions:
     compile: bool = False
     overwrite: bool = False
     shard: tuple[int, int] | None = None  # (index, count); None: SLURM array or 0/1
+    tile: TileMode = "off"  # dense tasks on large images; (H, W): the tile size
+    tile_overlap: int | None = None  # pixels; None: a quarter of the tile's shorter side
+    stride: int = 1  # videos: every stride-th frame (index % stride == 0)
+    start: str | None = None  # videos: first frame, a frame number or a time (video.parse_position)
+    end: str | None = None  # videos: end (exclusive), same forms
     quiet: bool = False
     pose: PoseOptions = dataclasses.field(default_factory=PoseOptions)  # boxes, keypoint format, drawing
     command: tuple[str, ...] = ()  # argv, recorded in run.json
@@ -75,6 +83,40 @@ def parse_input_size(text: str) -> tuple[int, int]:
     if h <= 0 or w <= 0:
         raise PlanError(f"--input-size {text!r}: both sides must be positive")
     return h, w
+
+
+def parse_tile(text: str) -> TileMode:
+    """``"auto"``, ``"off"`` or ``"512x384"`` (the tile size, H x W)."""
+    if text.lower() in ("auto", "off"):
+        return text.lower()  # type: ignore[return-value]
+    try:
+        return parse_input_size(text)
+    except PlanError:
+        raise PlanError(f"--tile {text!r}: expected auto, off or HxW, e.g. 1024x768") from None
+
+
+def check_options(options: PredictOptions, tasks: Sequence[str]) -> None:
+    """The format, tiling and video options against the tasks that will run."""
+    from sapiens2_cli.tasks import TASKS
+    from sapiens2_cli.video import parse_position
+
+    for name in tasks:
+        task = TASKS[name]
+        if options.fmt is not None and options.fmt not in task.formats:
+            raise PlanError(f"--format {options.fmt}: {name} writes {' or '.join(task.formats)}")
+        if isinstance(options.tile, tuple) and task.tile_rule is None:
+            raise PlanError(f"--tile {options.tile[0]}x{options.tile[1]}: {name} cannot be tiled: {task.tile_refusal}")
+    if options.tile_overlap is not None and options.tile_overlap < 0:
+        raise PlanError(f"--tile-overlap {options.tile_overlap}: must be 0 or more pixels")
+    positions = {}
+    for flag, text in (("--start", options.start), ("--end", options.end)):
+        try:
+            positions[flag] = parse_position(text)
+        except ValueError as err:
+            raise PlanError(f"{flag}: {err}") from None
+    start, end = positions["--start"], positions["--end"]
+    if start and end and start[0] == end[0] and end[1] <= start[1]:
+        raise PlanError(f"--end {options.end} is not after --start {options.start}")
 
 
 def checkpoint_task(ref: str) -> str:
@@ -138,7 +180,7 @@ def model_refs(tasks: Sequence[str], checkpoints: Sequence[str], size: str) -> d
 
 
 def pending_work(
-    items: Sequence[Item], tasks: Sequence[str], *, output: Path, fmt: str, vis: bool, overwrite: bool
+    items: Sequence[Item], tasks: Sequence[str], *, output: Path, fmt: str | None, vis: bool, overwrite: bool
 ) -> tuple[list[Work], int]:
     """Items with the tasks whose files are not all present (all tasks with ``overwrite``),
     and the number of items with nothing left to do.
@@ -152,6 +194,9 @@ def pending_work(
     specs = {t: TASKS[t].files(fmt, vis) for t in tasks}
     work, skipped = [], 0
     for item in items:
+        if item.is_video:  # its frames are checked as they are decoded (sapiens2_cli.frames)
+            work.append(Work(item, tuple(tasks)))
+            continue
         todo = []
         for task in tasks:
             paths = [spec.path(output, task, item) for spec in specs[task]]

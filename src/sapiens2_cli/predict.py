@@ -4,7 +4,9 @@ The loop overlaps everything that is not the model with the model: worker thread
 decode and pre-process images ahead (:func:`readers.prefetch`), the main thread batches model
 inputs of any images (they all have the model's input size) and runs the model, and writer
 threads post-process each image on the model's device, render and write its files
-(:mod:`sapiens2_cli.engine`). Each image is decoded once for all tasks.
+(:mod:`sapiens2_cli.engine`). Each image is decoded once for all tasks. Videos are decoded on
+a thread of their own (:mod:`sapiens2_cli.frames`) and their frames flow through the same
+loop; large images may be cut into tiles (:mod:`sapiens2_cli.tasks.tiled`).
 
 Bad inputs and failing items are recorded and reported one line each; the others go on.
 """
@@ -27,9 +29,11 @@ from sapiens2_cli.engine import Runner
 from sapiens2_cli.plan import PlanError, PredictOptions
 from sapiens2_cli.progress import Progress
 from sapiens2_cli.runinfo import Digests, Failure, RunRecord, run_file_name, write_run_json
+from sapiens2_cli.sources import Item
 from sapiens2_cli.tasks import TASKS
-from sapiens2_cli.tasks.base import Raw, Task
+from sapiens2_cli.tasks.base import ModelInput, Raw, Task
 from sapiens2_cli.tasks.pose_options import PoseOptions
+from sapiens2_cli.tasks.tiled import Tiler, make_tiler
 from sapiens2_cli.transforms import normalize
 from sapiens2_cli.writers import PART_SUFFIX, write_file
 
@@ -118,12 +122,20 @@ def open_model(ref: str, *, task: str, device: torch.device):  # noqa: ANN201 - 
 
 @dataclasses.dataclass
 class LoadedTask:
-    """A task ready to run: its model, predictor, input size and where its model came from."""
+    """A task ready to run: its model, predictor, input size, tiler and where its model came from."""
 
     task: Task
     predictor: Predictor
     input_hw: tuple[int, int]
     model_info: dict[str, Any]
+    tiler: Tiler | None = None
+
+    def prepare_item(self, image: Any, item: Item) -> list[ModelInput] | None:
+        """Model inputs of the ``[H, W, 3]`` uint8 BGR image of ``item``: its tiles when it is
+        tiled; ``None`` when they wait for the task's detector (:meth:`Task.prepare_item`)."""
+        if self.tiler is not None and self.tiler.applies(image.shape[:2]):
+            return self.tiler.prepare(image)
+        return self.task.prepare_item(image, self.input_hw, item)
 
 
 def configure_tasks(options: PredictOptions, refs: dict[str, str]) -> dict[str, Task]:
@@ -145,6 +157,9 @@ def load_tasks(
         input_hw = options.input_size or tuple(model.info.input_size)
         try:
             task.check_input_size(model, input_hw)
+            tiler = make_tiler(task.tile_rule, options.tile, options.tile_overlap, input_hw)
+            if tiler is not None and tiler.tile_hw != input_hw:
+                task.check_input_size(model, tiler.tile_hw)
         except ValueError as err:
             raise PlanError(f"{ref}: {err}") from None
         task.load_helpers(device)
@@ -159,7 +174,8 @@ def load_tasks(
             "input_size_hw": list(input_hw), "model_input_size_hw": list(info.input_size),
             "embed_dims": info.arch.embed_dims if info.arch else None,
             "num_layers": info.arch.num_layers if info.arch else None,
-        })  # fmt: skip
+            "tiling": tiler.describe() if tiler is not None else None,
+        }, tiler)  # fmt: skip
     return loaded
 
 
@@ -209,13 +225,14 @@ def run_predict(options: PredictOptions, *, stdin: TextIO | None = None) -> RunR
     """
     started = time.time()
     refs = planning.model_refs(options.tasks, options.checkpoints, options.size)
+    planning.check_options(options, list(refs))
     tasks = configure_tasks(options, refs)
     output = Path(options.output)
     collection = sources.collect(options.inputs, recursive=options.recursive, stdin=stdin)
     sources.check_output_dir(output, collection)
     check_run_files(output, tasks, overwrite=options.overwrite)
     if not collection.items and not collection.problems:
-        raise PlanError("no image found in the inputs (" + ", ".join(options.inputs) + ")")
+        raise PlanError("no image or video found in the inputs (" + ", ".join(options.inputs) + ")")
     shard = options.shard or sources.shard_from_env(os.environ) or (0, 1)
     items = sources.shard(collection.items, *shard)
     work, skipped = planning.pending_work(
@@ -223,10 +240,11 @@ def run_predict(options: PredictOptions, *, stdin: TextIO | None = None) -> RunR
     )
     device = resolve_device(options.device)
 
-    record = RunRecord(tuple(refs), total=len(items) + len(collection.problems), started=started)
+    videos = sum(item.is_video for item in items)  # their frames are counted as they are decoded
+    record = RunRecord(tuple(refs), total=len(items) - videos + len(collection.problems), started=started)
     record.skipped = skipped
     for name in refs:
-        record.per_task[name]["skipped"] = len(items) - sum(name in w.tasks for w in work)
+        record.per_task[name]["skipped"] = len(items) - videos - sum(name in w.tasks for w in work if not w.item.is_video)
     t0 = time.perf_counter()
     loaded = load_tasks(options, tasks, refs, device) if work else {}
     record.timings["load_models"] = time.perf_counter() - t0

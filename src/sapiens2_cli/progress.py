@@ -68,6 +68,12 @@ class Progress:
         elif not self.quiet and time.monotonic() - self._last >= self.interval:
             self._log_line()
 
+    def add_total(self, count: int) -> None:
+        """The run turned out to have ``count`` more items (a video's frames; negative to correct)."""
+        self.total += count
+        if self._bar is not None:
+            self._bar.update(self._task_id, total=self.total)
+
     def error(self, line: str) -> None:
         """One failure line, printed whatever the verbosity."""
         if self._bar is not None:

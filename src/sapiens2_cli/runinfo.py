@@ -21,7 +21,10 @@ from sapiens2_cli import __version__
 from sapiens2_cli.writers import FileData, write_file
 
 FORMAT_VERSION = 1
-STAGES = ("load_models", "decode", "preprocess", "wait_for_input", "detect", "forward", "postprocess", "write")
+STAGES = (
+    "load_models", "decode", "preprocess", "wait_for_input", "detect", "forward", "tile_blend", "postprocess",
+    "write",
+)  # fmt: skip
 
 
 def run_file_name(shard: tuple[int, int]) -> str:
@@ -55,13 +58,30 @@ def versions() -> dict[str, str | None]:
 
 @dataclasses.dataclass
 class Failure:
+    """One failed input, video frame or video output (``frame`` / ``time`` set for frames)."""
+
     input: str
     reason: str
     task: str | None = None
+    frame: int | None = None
+    time: float | None = None
+
+    @classmethod
+    def of(cls, item: Any, reason: str, task: str | None = None) -> Failure:
+        """The failure of a :class:`~sapiens2_cli.sources.Item` (a video frame keeps its index and time)."""
+        return cls(str(item.path), reason, task, item.frame, item.time)
 
     def line(self) -> str:
-        where = f"{self.input}: {self.task}" if self.task else self.input
+        where = self.input if self.frame is None else f"{self.input} frame {self.frame}"
+        where = f"{where}: {self.task}" if self.task else where
         return f"{where}: {self.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("frame", "time"):  # image failures keep the keys they always had
+            if out[key] is None:
+                del out[key]
+        return out
 
 
 class Digests:
@@ -124,7 +144,7 @@ class RunRecord:
             "models": models,
             "counts": {"total": self.total, "ok": self.ok, "skipped": self.skipped, "failed": self.failed},
             "per_task": {t: {k: c[k] for k in ("ok", "skipped", "failed")} for t, c in self.per_task.items()},
-            "failures": [dataclasses.asdict(f) for f in self.failures],
+            "failures": [f.to_json() for f in self.failures],
             "timings_s": {k: round(self.timings[k], 6) for k in STAGES} | {"processing": round(self.processing_s, 6)},
             "images_per_second": round(ips, 4) if ips else None,
             **extra,

@@ -11,11 +11,15 @@ stdin paths are taken relative to the current directory. Every item gets a *rela
 * a glob's root is its leading part without wildcards: ``photos/**/*.jpg`` -> ``photos``;
 * a list's (or stdin's) root is the deepest folder holding all its entries.
 
-Folders and globs keep only image extensions (case-insensitive) and skip hidden files and
-folders (names starting with ``.``). Items are sorted by ``rel``; two inputs with the same
-``rel`` are an error before anything runs. A video source would add items with a ``frame``
-index and ``rel = <video stem>/<frame:06d>``; a pose task writes ``OUT/pose/<rel>.json``:
-neither needs anything else from this module.
+Folders and globs keep only image and video extensions (case-insensitive) and skip hidden
+files and folders (names starting with ``.``). Items are sorted by ``rel``; two inputs with the
+same ``rel`` are an error before anything runs, and so are images whose outputs would land
+among a video's frames.
+
+A video is one item here (sharding and the order treat it as a unit); the run loop expands it
+into frame items as it decodes (:mod:`sapiens2_cli.frames`): the same ``path`` and ``rel`` with
+``frame`` (index) and ``time`` (seconds) set, whose files are ``<base>/<rel>/<frame:06d><ext>``
+(:meth:`Item.output`); files of the whole video are ``<base>/<rel><ext>`` (:meth:`Item.video_output`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from pathlib import Path, PurePosixPath
 from typing import TextIO
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".wmv", ".flv"}
+)
 LIST_EXTENSIONS = frozenset({".txt"})
 STDIN = "-"
 
@@ -38,14 +45,31 @@ class SourceError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One image to process: the file to read and its output-relative name (no extension)."""
+    """One image, video or video frame to process: the file to read and its output-relative
+    name (no extension)."""
 
     path: Path
     rel: str
-    frame: int | None = None  # reserved for video sources: the frame index inside ``path``
+    frame: int | None = None  # video frames: the frame index inside ``path``
+    time: float | None = None  # video frames: presentation time in seconds from the stream start
+
+    @property
+    def is_video(self) -> bool:
+        """A video file (or a frame of one)."""
+        return is_video_name(self.path.name)
+
+    def at_frame(self, index: int, time: float) -> Item:
+        """The item of frame ``index`` (at ``time`` seconds) of this video."""
+        return dataclasses.replace(self, frame=index, time=time)
 
     def output(self, base: Path, ext: str) -> Path:
-        """``base / <rel><ext>``."""
+        """``base / <rel><ext>``, or ``base / <rel> / <frame:06d><ext>`` for a video frame."""
+        if self.frame is not None:
+            return base.joinpath(*self.rel.split("/"), f"{self.frame:06d}{ext}")
+        return self.video_output(base, ext)
+
+    def video_output(self, base: Path, ext: str) -> Path:
+        """``base / <rel><ext>``: the file of a whole video (or of an image)."""
         return base.joinpath(*self.rel.split("/")[:-1], self.rel.split("/")[-1] + ext)
 
 
@@ -68,6 +92,15 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def is_video_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def is_input_name(name: str) -> bool:
+    """An image or a video, by extension (what folders and globs keep)."""
+    return is_image_name(name) or is_video_name(name)
+
+
 def strip_extension(rel: str) -> str:
     """``a/b.c.jpg`` -> ``a/b.c`` (only the last extension goes)."""
     p = PurePosixPath(rel)
@@ -82,7 +115,7 @@ def _walk(folder: Path, recursive: bool) -> Iterable[Path]:
     for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
         for name in sorted(filenames):
-            if not name.startswith(".") and is_image_name(name):
+            if not name.startswith(".") and is_input_name(name):
                 yield Path(dirpath) / name
 
 
@@ -159,10 +192,10 @@ def collect(inputs: Sequence[str], *, recursive: bool = False, stdin: TextIO | N
             root = glob_root(text)
             found = sorted(
                 Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True)
-                if is_image_name(p) and os.path.isfile(p)
+                if is_input_name(p) and os.path.isfile(p)
             )  # fmt: skip
             if not found:
-                problems.append(InputProblem(text, "no image file matches this pattern"))
+                problems.append(InputProblem(text, "no image or video file matches this pattern"))
                 continue
             roots.append(root)
             items += [Item(p, _rel(p, root)) for p in found]
@@ -179,6 +212,11 @@ def unique_sorted(items: Iterable[Item]) -> list[Item]:
         seen = by_rel.setdefault(item.rel, item)
         if seen is not item and os.path.realpath(seen.path) != os.path.realpath(item.path):
             clashes.append(f"{seen.path} and {item.path} -> {item.rel}")
+    videos = {rel for rel, item in by_rel.items() if item.is_video}
+    for rel, item in by_rel.items():
+        parent = rel.rpartition("/")[0]
+        if parent in videos and not item.is_video:
+            clashes.append(f"{item.path} and the frames of {by_rel[parent].path} -> {rel}")
     if clashes:
         more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
         raise SourceError(

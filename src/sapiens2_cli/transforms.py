@@ -95,9 +95,17 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def crop_content(t: torch.Tensor, placement: Placement) -> torch.Tensor:
-    """The content box of a model-resolution map ``[..., H_in, W_in]`` -> ``[..., h, w]``."""
-    if tuple(t.shape[-2:]) != placement.input_hw:
-        raise ValueError(f"map of {tuple(t.shape[-2:])} does not match the model input {placement.input_hw}")
+    """The content box of a model-resolution map ``[..., H_in, W_in]`` -> ``[..., h, w]``.
+
+    A map coarser than the input by a whole factor (the heads on the 4K backbone output a
+    quarter of the input) is first resized bilinearly to the input, so that the box is exact.
+    """
+    map_hw, (h_in, w_in) = tuple(t.shape[-2:]), placement.input_hw
+    if map_hw != placement.input_hw:
+        if h_in % map_hw[0] or w_in % map_hw[1] or h_in // map_hw[0] != w_in // map_hw[1]:
+            raise ValueError(f"map of {map_hw} does not match the model input {placement.input_hw}")
+        lead = t.shape[:-2]
+        t = resize_bilinear(t.reshape(1, -1, *map_hw), placement.input_hw).reshape(*lead, h_in, w_in)
     h, w = placement.content_hw
     return t[..., placement.top : placement.top + h, placement.left : placement.left + w]
 

@@ -1,4 +1,4 @@
-"""Output files: PNG / JPEG / EXR / NPY / JSON, always written atomically.
+"""Output files: PNG / JPEG / EXR / NPY / JSON / safetensors, always written atomically.
 
 Every file is written to a hidden sibling ``.<name>.part`` and renamed over the final name,
 so a killed run never leaves a partial file under its real name. The temporary name is
@@ -23,7 +23,7 @@ import numpy as np
 
 from sapiens2_cli.exr import write_exr
 
-FileKind = Literal["png", "jpg", "exr", "npy", "json"]
+FileKind = Literal["png", "jpg", "exr", "npy", "json", "safetensors", "mp4", "jsonl"]
 PART_SUFFIX = ".part"
 JPEG_QUALITY = 95
 
@@ -34,7 +34,9 @@ class FileData:
 
     ``png`` / ``jpg``: uint8 ``[H, W]`` or ``[H, W, 3]`` **BGR** (OpenCV order);
     ``exr``: float32 ``[H, W, C]`` with ``channels`` names; ``npy``: any array;
-    ``json``: a JSON-serialisable object.
+    ``json``: a JSON-serialisable object; ``safetensors``: ``{"tensors": {name: array},
+    "metadata": {str: str}}``. ``mp4`` and ``jsonl`` are video streams
+    (:mod:`sapiens2_cli.streams`), fed one frame at a time with ``jpg`` / ``json`` content.
     """
 
     kind: FileKind
@@ -101,6 +103,12 @@ def write_file(path: Path, content: FileData, *, unique_temp: bool = False) -> N
         atomic_write(path, write_npy, unique_temp=unique_temp)
     elif kind == "exr":
         atomic_write(path, lambda tmp: write_exr(tmp, content.data, content.channels), unique_temp=unique_temp)
+    elif kind == "safetensors":
+        from safetensors.numpy import save_file
+
+        tensors = {k: np.ascontiguousarray(v) for k, v in content.data["tensors"].items()}
+        metadata = dict(content.data.get("metadata") or {})
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), unique_temp=unique_temp)
     else:
         raise ValueError(f"unknown output kind {kind!r}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-TASK_NAMES: tuple[str, ...] = ("seg", "pose", "normal", "pointmap", "albedo")
+TASK_NAMES: tuple[str, ...] = ("seg", "pose", "normal", "pointmap", "albedo", "pretrain")
 
 if TYPE_CHECKING:
     from sapiens2_cli.tasks.base import Task
@@ -23,11 +23,12 @@ def __getattr__(name: str) -> Any:
         from sapiens2_cli.tasks.normal import NormalTask
         from sapiens2_cli.tasks.pointmap import PointmapTask
         from sapiens2_cli.tasks.pose import PoseTask
+        from sapiens2_cli.tasks.pretrain import PretrainTask
         from sapiens2_cli.tasks.seg import SegTask
 
         tasks = {
             "seg": SegTask(), "pose": PoseTask(), "normal": NormalTask(), "pointmap": PointmapTask(),
-            "albedo": AlbedoTask(),
+            "albedo": AlbedoTask(), "pretrain": PretrainTask(),
         }  # fmt: skip
         globals()["TASKS"] = tasks
         return tasks

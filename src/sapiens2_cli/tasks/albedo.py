@@ -5,15 +5,18 @@ model resolution, cropped and resized bilinearly to the image, as in the officia
 Outputs ``OUT/albedo/<rel>.exr`` (float32 ``R, G, B``, the predicted values as they are; the
 upstream code does not state a transfer function, the EXR convention is linear) and
 ``OUT/albedo/<rel>.png``: 8-bit RGB ``trunc(255 * albedo)``, the demo's quantisation.
-``--format npy`` writes ``[H, W, 3]`` float32 RGB instead of the EXR.
+``--format npy`` writes ``[H, W, 3]`` float32 RGB instead of the EXR. Tiled (``--tile``): each
+tile is clamped, then the tiles are blended.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from sapiens2_cli import transforms
 from sapiens2_cli.tasks.base import VIS_FILE, FileSpec, ModelInput, OutputFormat, Prediction, Raw, Task, side_by_side
+from sapiens2_cli.tasks.tiled import TileRule
 from sapiens2_cli.writers import FileData
 
 CHANNELS = ("R", "G", "B")
@@ -25,8 +28,17 @@ def albedo_to_bgr(albedo: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((albedo * 255.0).astype(np.uint8)[..., ::-1])
 
 
+def _clamp(a: torch.Tensor) -> torch.Tensor:
+    return a.clamp(0.0, 1.0)
+
+
+def _tile_finish(a: torch.Tensor) -> torch.Tensor:
+    return a.clamp(0.0, 1.0).permute(1, 2, 0)  # [h, w, 3]; the clamp only absorbs rounding
+
+
 class AlbedoTask(Task):
     name = "albedo"
+    tile_rule = TileRule("albedo", per_tile=_clamp, finish=_tile_finish)
 
     def files(self, fmt: OutputFormat, vis: bool) -> list[FileSpec]:
         main = FileSpec(".npy", "npy") if fmt == "npy" else FileSpec(".exr", "exr")

@@ -10,6 +10,21 @@ A task whose inputs depend on a second model (pose: the person detector) returns
 from :meth:`Task.prepare_item`; the run loop then batches those images through
 :meth:`Task.detect` on the main thread and makes their inputs with :meth:`Task.prepare_detected`.
 A task with run options (pose) is set up per run by :meth:`Task.configure`.
+
+Video frames go through the same steps; the frame's :class:`~sapiens2_cli.sources.Item` has
+``frame`` (index) and ``time`` (seconds) set. Which files a video produces is
+:meth:`Task.video_files`: per-frame files ``OUT/<task>/<video rel>/<frame:06d><ext>`` and
+*streams* (``FileSpec.stream``), one file per video built from its frames in index order and
+renamed into place when the video ends (``.mp4`` overlays, ``.jsonl`` records).
+:meth:`Task.frame_outputs` maps one frame's rendered files to those specs and is where a task
+puts the frame index and time into its records. A task whose video output is one record per
+frame (pose: ``OUT/pose/<video rel>.jsonl``, a line ``{"index", "time", "instances"}`` per
+frame) overrides both: ``video_files`` returns ``FileSpec(".jsonl", "jsonl", stream=True)``
+and ``frame_outputs`` returns ``{that spec: FileData("json", {"index": item.frame, "time":
+item.time, ...})}``; the run loop writes the lines in frame order.
+
+Dense tasks that can be tiled (``--tile``) set :attr:`Task.tile_rule`
+(:class:`~sapiens2_cli.tasks.tiled.TileRule`); the others explain why in :attr:`Task.tile_refusal`.
 """
 
 from __future__ import annotations
@@ -30,8 +45,9 @@ if TYPE_CHECKING:
     from sapiens2_cli.models.sapiens2 import Sapiens2Model
     from sapiens2_cli.plan import PredictOptions
     from sapiens2_cli.sources import Item
+    from sapiens2_cli.tasks.tiled import TileRule
 
-OutputFormat = Literal["exr", "npy"]
+OutputFormat = Literal["exr", "npy", "safetensors"] | None  # None: the task's default
 Raw = Any  # one sample's raw model output: a tensor [C, H, W] or a tuple of tensors
 Prediction = dict[str, Any]  # named numpy arrays and numbers, on the CPU
 
@@ -47,24 +63,33 @@ class ModelInput:
 
 @dataclasses.dataclass(frozen=True)
 class FileSpec:
-    """One file an item produces: ``OUT/<task>/<rel><ext>`` or, for overlays, ``OUT/vis/<task>/<rel><ext>``."""
+    """One file an item produces: ``OUT/<task>/<rel><ext>`` or, for overlays, ``OUT/vis/<task>/<rel><ext>``.
+
+    A ``stream`` file belongs to a whole video (``OUT/<task>/<video rel><ext>``) and is written
+    from its frames in order (see the module notes).
+    """
 
     ext: str
     kind: FileKind
     vis: bool = False
+    stream: bool = False
 
     def path(self, out: Path, task: str, item: Item) -> Path:
         base = out / "vis" / task if self.vis else out / task
-        return item.output(base, self.ext)
+        return item.video_output(base, self.ext) if self.stream else item.output(base, self.ext)
 
 
 VIS_FILE = FileSpec(".jpg", "jpg", vis=True)
+VIS_VIDEO = FileSpec(".mp4", "mp4", vis=True, stream=True)  # a video's overlays, at its frame rate
 
 
 class Task(abc.ABC):
     """A prediction task; the instances live in :data:`sapiens2_cli.tasks.TASKS`."""
 
     name: ClassVar[str]  # also the task of the checkpoint it runs
+    formats: ClassVar[tuple[str, ...]] = ("exr", "npy")  # accepted --format values
+    tile_rule: ClassVar[TileRule | None] = None
+    tile_refusal: ClassVar[str] = "its outputs are not dense maps that tiles could share"
 
     def configure(self, options: PredictOptions, *, model_ref: str) -> Task:
         """This task set up for one run (``self`` for tasks without run options).
@@ -83,6 +108,16 @@ class Task(abc.ABC):
     def for_model(self, model: Any) -> Task:
         """This task bound to ``model`` (e.g. a fine-tune's own class names); the default is ``self``."""
         return self
+
+    def video_files(self, fmt: OutputFormat, vis: bool) -> list[FileSpec]:
+        """The files a video produces: by default the image files per frame, and the overlays
+        as one video (:data:`VIS_VIDEO`) instead of one JPEG per frame."""
+        return [*self.files(fmt, False), *([VIS_VIDEO] if vis else [])]
+
+    def frame_outputs(self, files: dict[FileSpec, FileData], item: Item) -> dict[FileSpec, FileData]:
+        """One video frame's share of :meth:`video_files`, from what :meth:`render` gave
+        (``item.frame`` and ``item.time`` identify the frame)."""
+        return {VIS_VIDEO if spec == VIS_FILE else spec: data for spec, data in files.items()}
 
     def run_files(self) -> dict[str, FileData]:
         """Files written once per run under ``OUT/<task>/`` (name -> content)."""

@@ -54,6 +54,11 @@ def depth_to_bgr(depth: np.ndarray) -> np.ndarray:
 
 class PointmapTask(Task):
     name = "pointmap"
+    tile_refusal = (
+        "the model predicts one scale, hence one camera, per input, so each tile would get its own "
+        "focal length and depth scale and the tiles would not fit together; run it on the whole frame "
+        "(--tile off or auto: the frame is resized to the model input and the pointmap upsampled)"
+    )
 
     def files(self, fmt: OutputFormat, vis: bool) -> list[FileSpec]:
         main = FileSpec(".npy", "npy") if fmt == "npy" else FileSpec(".exr", "exr")

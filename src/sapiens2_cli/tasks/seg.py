@@ -4,7 +4,8 @@ Pre-processing stretches the image to the input size (aspect not kept). The logi
 resized bilinearly to the image size and argmaxed (ties go to the lowest class id), as the
 official demo does. Output ``OUT/seg/<rel>.png``: single-channel uint8 class ids 0..28
 (``.npy`` ``[H, W]`` uint8 with ``--format npy``); ``OUT/seg/classes.json`` holds the names and
-the palette once per run.
+the palette once per run. Tiled (``--tile``): the tiles' logits are blended and argmaxed at
+full resolution.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from sapiens2_cli import transforms
 from sapiens2_cli.tasks.base import VIS_FILE, FileSpec, ModelInput, OutputFormat, Prediction, Raw, Task, put_label
+from sapiens2_cli.tasks.tiled import TileRule
 from sapiens2_cli.writers import FileData
 
 CLASSES_FILE = "classes.json"
@@ -111,8 +113,18 @@ def legend(labels_present: list[int], height: int, table: Sequence[dict[str, Any
     return panel
 
 
+def _tile_logits(logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
+def _tile_labels(logits: torch.Tensor) -> torch.Tensor:
+    """Blended ``[29, h, w]`` logits -> ``[h, w]`` uint8 labels (ties: lowest id)."""
+    return logits_to_labels(logits, tuple(logits.shape[-2:])).to(torch.uint8)
+
+
 class SegTask(Task):
     name = "seg"
+    tile_rule = TileRule("labels", per_tile=_tile_logits, finish=_tile_labels)
 
     def __init__(self, classes: Sequence[dict[str, Any]] | None = None) -> None:
         self.classes = tuple(classes or released_classes())
