@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from click.testing import CliRunner, Result
 
+from conftest import run_torchrun
 from sapiens2_cli.cli import main
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -40,8 +40,7 @@ def torchrun(data: Path, run: Path, *args: str, nproc: int = 2) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
         "-m", "sapiens2_cli", "pretrain", "--recipe", "tiny", "--data", str(data), "-o", str(run), *args,
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_torchrun(command, env, run)
 
 
 def read_metrics(run: Path) -> list[dict]:
