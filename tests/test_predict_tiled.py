@@ -3,6 +3,7 @@ memory bounded by the overlaps."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -71,8 +72,8 @@ def test_pending_memory_is_the_overlaps_not_the_frame():
     for index in range(len(grid)):
         blender.add(index, torch.ones(channels, *tile))
     assert blender.result().shape == (height, width, channels)
-    row_overlap = max(tile[0] - (b - a) for a, b in zip(grid.ys, grid.ys[1:]))
-    col_overlap = max(tile[1] - (b - a) for a, b in zip(grid.xs, grid.xs[1:]))
+    row_overlap = max(tile[0] - (b - a) for a, b in itertools.pairwise(grid.ys))
+    col_overlap = max(tile[1] - (b - a) for a, b in itertools.pairwise(grid.xs))
     # (sum + weight) per pending pixel: one overlap strip across the frame and one overlap column
     bound = (channels + 1) * 4 * (row_overlap * width + tile[0] * col_overlap)
     assert 0 < blender.peak_pending_bytes <= bound

@@ -190,7 +190,7 @@ def usage_fail(message: str) -> None:
 @click.option("--input-size", metavar="HxW", help="Model input size (default: the model's, 1024x768).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="Dense maps as exr (default) or npy; pretrain features as npy (default) or safetensors.")
-@click.option("--vis", is_flag=True, help="Also write overlays under OUT/vis/<task>/.")
+@click.option("--vis", is_flag=True, help="Also write overlays under OUT/vis/<task>/ (videos: one .mp4 each).")
 @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of folder inputs.")
 @click.option("-b", "--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", type=click.IntRange(min=0), help="Reader threads (writers: half). Default: from the CPU count.")

@@ -17,6 +17,7 @@ overlap column, never a canvas of the frame's size in the model's output channel
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterator
 
@@ -95,8 +96,10 @@ class _Axis:
     def of(cls, starts: tuple[int, ...], tile: int, length: int) -> _Axis:
         ends = [min(s + tile, length) for s in starts]
         cuts = sorted({0, length, *starts, *ends})
-        segments = tuple((a, b) for a, b in zip(cuts, cuts[1:]) if b > a)
-        cover = tuple(tuple(i for i, (s, e) in enumerate(zip(starts, ends)) if s <= a and b <= e) for a, b in segments)
+        segments = tuple(itertools.pairwise(cuts))
+        cover = tuple(
+            tuple(i for i, (s, e) in enumerate(zip(starts, ends, strict=True)) if s <= a and b <= e) for a, b in segments
+        )
         return cls(starts, segments, cover, _axis_weights(starts, tile, length))
 
     def of_tile(self, i: int) -> list[int]:
