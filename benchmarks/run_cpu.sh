@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The CPU measurements behind BENCHMARKS.md, in the order they were run (each invocation takes
+# 1-4 min on 2 cores). Results: benchmarks/results/cpu.jsonl (one JSON line per implementation,
+# dtype and batch), tables and operator profiles: benchmarks/results/cpu.log.
+#
+#   benchmarks/run_cpu.sh two-threads   # the whole machine (wall-clock img/s under its load)
+#   benchmarks/run_cpu.sh one-thread    # one core: CPU seconds per image, free of the thread
+#                                       # stalls that other jobs cause (see BENCHMARKS.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+OUT=benchmarks/results/cpu.jsonl
+LOG=benchmarks/results/cpu.log
+mkdir -p benchmarks/results
+run() { echo "## $(date -u +%FT%TZ) load $(cut -d' ' -f1 /proc/loadavg): $*" | tee -a "$LOG"; python "$@" 2>&1 | grep -v -e USDT -e Warning -e warn -e "return torch" | tee -a "$LOG"; }
+F="benchmarks/forward.py --out $OUT"
+
+two_threads() {
+  # optimisations one by one, backbone 0.1b (interleaved rounds, repeated)
+  for rep in 1 2; do
+    run $F --size 0.1b --part backbone --impl ours-legacy,ours,ours-fused,hf --dtype fp32 --iters 1
+    run $F --size 0.1b --part backbone --impl ours-legacy,ours,ours-fused,hf --dtype bf16 --iters 1 --no-peak
+  done
+  # dtypes side by side, eager
+  run $F --size 0.1b --part backbone --impl ours-fused --dtype fp32,bf16,autocast --iters 2 --no-peak
+  # torch.compile: compile time and steady state
+  run $F --size 0.1b --part backbone --impl ours-fused,ours-compiled --dtype fp32 --iters 2 --no-peak
+  run $F --size 0.1b --part backbone --impl ours-fused,ours-compiled --dtype bf16 --iters 2 --no-peak
+  run $F --size 0.1b --part backbone --impl ours-fused,hf-compiled --dtype fp32 --iters 2 --no-peak
+  # task model (seg head at full resolution), batch 1 and 2
+  run $F --size 0.1b --part task --impl ours-fused,hf --dtype fp32,bf16 --iters 1 --no-peak
+  run $F --size 0.1b --part task --impl ours-compiled --dtype bf16 --iters 2 --no-peak
+  run $F --size 0.1b --part backbone --impl ours-fused,hf --dtype bf16 --batch 2 --iters 1 --no-peak
+}
+
+one_thread() {
+  T="$F --threads 1 --no-peak"
+  run $T --size 0.1b --part backbone --impl ours-legacy,ours,ours-fused,hf --dtype fp32 --iters 1
+  run $T --size 0.1b --part backbone --impl ours-legacy,ours,ours-fused,hf --dtype bf16 --iters 1
+  run $T --size 0.1b --part backbone --impl ours-fused --dtype fp32,bf16,autocast --iters 1
+  run $T --size 0.1b --part backbone --impl ours-compiled,hf-compiled --dtype fp32 --iters 2
+  run $T --size 0.1b --part backbone --impl ours-compiled,hf-compiled --dtype bf16 --iters 2
+  run $T --size 0.1b --part task --impl ours-fused,hf --dtype fp32,bf16 --iters 1
+  run $T --size 0.1b --part task --impl ours-compiled,hf-compiled --dtype bf16 --iters 1
+  run $T --size 0.1b --part backbone --impl ours-fused,hf --dtype bf16 --batch 2 --iters 1
+  # 0.4b: one or two implementations per invocation (a forward takes 1-2 min on one core)
+  for dtype in fp32 bf16; do
+    for impl in ours-fused hf ours-compiled hf-compiled; do
+      run $T --size 0.4b --part backbone --impl $impl --dtype $dtype --iters 1
+    done
+  done
+  for dtype in fp32 bf16; do
+    for impl in ours-fused hf; do
+      run $T --size 0.4b --part task --impl $impl --dtype $dtype --iters 1
+    done
+  done
+  # operator tables
+  run benchmarks/profile_ops.py --threads 1 --size 0.4b --dtype fp32 --fused
+  run benchmarks/profile_ops.py --threads 1 --size 0.4b --dtype bf16 --fused
+  run benchmarks/profile_ops.py --threads 1 --size 0.4b --dtype bf16 --compiled
+}
+
+case "${1:-}" in
+  two-threads) two_threads ;;
+  one-thread) one_thread ;;
+  *) echo "usage: $0 two-threads|one-thread" >&2; exit 2 ;;
+esac
