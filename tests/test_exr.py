@@ -21,8 +21,8 @@ def test_round_trip_keeps_values_and_channel_order(tmp_path):
 
 def test_overwrite_is_atomic_and_leaves_no_temporary_files(tmp_path):
     path = tmp_path / "n.exr"
-    write_exr(path, np.zeros((2, 2, 3)), ["X", "Y", "Z"])
-    write_exr(path, np.ones((2, 2, 3)), ["X", "Y", "Z"])
+    write_exr(path, np.zeros((2, 2, 3), np.float32), ["X", "Y", "Z"])
+    write_exr(path, np.ones((2, 2, 3), np.float32), ["X", "Y", "Z"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.exr"]
     assert np.array_equal(read_exr(path)[0], np.ones((2, 2, 3), np.float32))
 

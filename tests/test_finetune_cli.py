@@ -18,7 +18,7 @@ def test_every_task_and_size_has_a_recipe():
             assert f"{task}/{size}" in names
 
 
-@pytest.mark.parametrize("recipe", available_recipes())
+@pytest.mark.parametrize("recipe", [r for r in available_recipes() if not r.startswith("pretrain/")])
 def test_every_shipped_recipe_validates_with_dry_run(recipe):
     result = CliRunner().invoke(main, ["finetune", "--recipe", recipe, "--dry-run"])
     assert result.exit_code == 0, result.output

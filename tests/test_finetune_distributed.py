@@ -4,12 +4,12 @@ with DDP and with FSDP2, and a stopped two-process run resumes bit for bit."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_torchrun
 from finetune_runs import read_metrics, seg_learnable, tiny_run
 from safetensors.torch import load_file
 
@@ -31,8 +31,7 @@ def _torchrun(data: Path, run: Path, *args: str) -> None:
         "-m", "sapiens2_cli", "finetune", "--recipe", "seg/tiny", "--data", str(data),
         "--val-data", str(data), "-o", str(run), *COMMON, "train.batch_size=1", *args,
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_torchrun(command, env, run)
 
 
 @pytest.fixture(scope="module")

@@ -86,10 +86,10 @@ def test_run_folder_and_final_checkpoint(runs, task):
     with torch.no_grad():
         out = model(x)
     if task == "seg":
-        assert len(json.loads(model.info.metadata["classes"])) == 29
+        assert len(json.loads(model.info.metadata["class_names"])) == 29
         assert out.shape == (2, 29, 64, 48)
     elif task == "pose":
-        names = json.loads(model.info.metadata["keypoints"])
+        names = json.loads(model.info.metadata["keypoint_names"])
         flip = json.loads(model.info.metadata["flip_index"])
         assert len(names) == len(flip) == 308 and flip[5] == 6
         assert out.shape == (2, 308, 16, 12)

@@ -53,7 +53,8 @@ INTERVALS = {
 
 def test_shipped_recipes_are_listed_without_bases():
     names = available_recipes()
-    assert names == sorted(f"{t}/{s}" for t in TASKS for s in (*SIZES, "tiny"))
+    pretrain = [f"pretrain/{s}" for s in ("0.1b", "0.4b", "0.8b", "1b", "5b", "1b-4k", "tiny")]
+    assert names == sorted([f"{t}/{s}" for t in TASKS for s in (*SIZES, "tiny")] + pretrain)
     assert (RECIPES_DIR / "seg" / "_base.yaml").is_file()
 
 
@@ -85,7 +86,7 @@ def test_official_recipe_numbers(task, size):
 def test_tiny_recipes(task):
     cfg = resolve(f"{task}/tiny")
     assert cfg.model.input_size == (64, 48)
-    assert dataclasses.astuple(cfg.model.arch) == (64, 2, 4, 128)
+    assert dataclasses.astuple(cfg.model.arch) == (64, 2, 4, 128, None, None)
     assert cfg.model.init is None and cfg.train.precision == "fp32"
     assert cfg.train.iterations == 40 and cfg.schedule.warmup_iters == 5
 

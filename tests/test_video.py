@@ -109,3 +109,11 @@ def test_writer_abort_leaves_nothing(clip, tmp_path):
     writer.write(np.zeros((48, 64, 3), np.uint8), 0)
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_frames_outside_the_stride_are_not_reported(tmp_path):
+    bad = corrupt_middle(make_video(tmp_path / "mj.avi", codec="mjpeg", gop=1), tmp_path / "bad.avi")
+    every = [o.index for o in iter_frames(bad) if isinstance(o, FrameError)]
+    sampled = list(iter_frames(bad, stride=2))
+    assert every and [o.index for o in sampled if isinstance(o, FrameError)] == [i for i in every if i % 2 == 0]
+    assert all(o.index % 2 == 0 for o in sampled)

@@ -7,10 +7,14 @@ Exit codes: 0 success, 1 some item or the job failed, 2 usage error.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from sapiens2_cli import __version__
+from sapiens2_cli.plan import DEFAULT_SIZE, FORMATS, PRECISIONS, PREDICT_SIZES
+from sapiens2_cli.tasks import TASK_NAMES
+from sapiens2_cli.tasks.pose_options import KEYPOINT_FORMAT_NAMES
 
 EXIT_FAILED = 1
 
@@ -21,7 +25,18 @@ def fail(message: str) -> None:
     sys.exit(EXIT_FAILED)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The root group; keeps the raw arguments so that a run can record its own command line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGV_KEY] = list(args)
+        return super().parse_args(ctx, args)
+
+
+ARGV_KEY = "sapiens2.argv"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sapiens2")
 def main() -> None:
     """Run Meta's Sapiens2 models: predict, fine-tune, pretrain and export."""
@@ -101,151 +116,6 @@ def inspect_cmd(ref: str, as_json: bool) -> None:
 
 
 
-EXIT_USAGE = 2
-TRAIN_TASKS = ("seg", "pose", "normal", "pointmap", "albedo")
-
-
-def _exit(message: str, code: int) -> None:
-    """Print ``error: message`` on stderr (rank 0 only under torchrun) and exit ``code``."""
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-@main.command("finetune")
-@click.option(
-    "--recipe",
-    help="Recipe <task>/<size> (seg/1b, pose/0.4b, normal/tiny...) or a .yaml file.",
-)
-@click.option("--data", multiple=True, help="Training folder (repeatable); sets data.train.")
-@click.option("--val-data", multiple=True, help="Validation folder (repeatable); sets data.val.")
-@click.option("-o", "--output", help="Run folder (config, metrics, checkpoints, weights).")
-@click.option("--resume", is_flag=True, help="Continue the run in the output folder if any.")
-@click.option("--dry-run", is_flag=True, help="Validate and print the resolved config only.")
-@click.option(
-    "--stop-at",
-    type=click.IntRange(min=1),
-    help="Stop after this step with a checkpoint (time-limited jobs); continue with --resume.",
-)
-@click.argument("overrides", nargs=-1)
-def finetune_cmd(
-    recipe: str | None,
-    data: tuple[str, ...],
-    val_data: tuple[str, ...],
-    output: str | None,
-    resume: bool,
-    dry_run: bool,
-    stop_at: int | None,
-    overrides: tuple[str, ...],
-) -> None:
-    """Fine-tune a Sapiens2 model: a recipe, then key=value overrides (optim.lr=1e-4 ...).
-
-    Several GPUs or nodes: torchrun --nproc-per-node 8 -m sapiens2_cli finetune ...
-    """
-    import os
-    from pathlib import Path
-
-    from sapiens2_cli.train.config import ConfigError
-
-    if recipe is None and resume and output and (Path(output) / "config.yaml").is_file():
-        recipe = str(Path(output) / "config.yaml")
-    if recipe is None:
-        _exit("--recipe is required (a <task>/<size> name or a .yaml file)", EXIT_USAGE)
-    if output is None and not dry_run:
-        _exit("-o/--output is required: the run folder", EXIT_USAGE)
-    from sapiens2_cli.train.finetune import resolve_run_config
-
-    try:
-        cfg = resolve_run_config(recipe, overrides, data=data, val_data=val_data)
-    except ConfigError as err:
-        _exit(str(err), EXIT_USAGE)
-    if dry_run:
-        from sapiens2_cli.train.config import to_yaml
-
-        if os.environ.get("RANK", "0") == "0":
-            click.echo(to_yaml(cfg), nl=False)
-        return
-    from sapiens2_cli.hub import HubError
-    from sapiens2_cli.train.datasets import DataError
-    from sapiens2_cli.train.finetune import RunError, finetune
-    from sapiens2_cli.weights import CheckpointError
-
-    try:
-        finetune(cfg, output, resume=resume, stop_at=stop_at)
-    except (ConfigError, RunError) as err:
-        _exit(str(err), EXIT_USAGE)
-    except (DataError, CheckpointError, HubError) as err:
-        _exit(str(err), EXIT_FAILED)
-
-
-@main.command("evaluate")
-@click.argument("ref")
-@click.option("-t", "--task", required=True, type=click.Choice(TRAIN_TASKS))
-@click.option("--data", multiple=True, required=True, help="Dataset folder (repeatable).")
-@click.option("--input-size", help="Network input HxW, e.g. 1024x768; default: the checkpoint's.")
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-samples", type=click.IntRange(min=1), help="Only the first N samples.")
-@click.option("--no-flip-test", is_flag=True, help="Pose: no flip test.")
-@click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every metric).")
-def evaluate_cmd(
-    ref: str,
-    task: str,
-    data: tuple[str, ...],
-    input_size: str | None,
-    batch_size: int,
-    max_samples: int | None,
-    no_flip_test: bool,
-    device: str | None,
-    as_json: bool,
-) -> None:
-    """Evaluate a checkpoint (zoo name, Hub repo or file) on dataset folders with the official
-    metrics; under torchrun the samples are split over the ranks."""
-    size = None
-    if input_size is not None:
-        h, sep, w = input_size.lower().partition("x")
-        if not (sep and h.isdigit() and w.isdigit()):
-            _exit(f"--input-size must look like 1024x768 (H x W), got {input_size!r}", EXIT_USAGE)
-        size = (int(h), int(w))
-    from sapiens2_cli.distributed import init_distributed, shutdown
-    from sapiens2_cli.hub import HubError
-    from sapiens2_cli.train.config import ConfigError
-    from sapiens2_cli.train.datasets import DataError
-    from sapiens2_cli.train.evaluation import evaluate_checkpoint
-    from sapiens2_cli.weights import CheckpointError
-
-    env = init_distributed(device=device)
-    try:
-        metrics = evaluate_checkpoint(
-            ref,
-            task=task,
-            data=list(data),
-            env=env,
-            input_size=size,
-            batch_size=batch_size,
-            flip_test=not no_flip_test,
-            max_samples=max_samples,
-        )
-    except ConfigError as err:
-        _exit(str(err), EXIT_USAGE)
-    except (DataError, CheckpointError, HubError) as err:
-        _exit(str(err), EXIT_FAILED)
-    finally:
-        shutdown(env)
-    if not env.is_main:
-        return
-    if as_json:
-        import json
-
-        click.echo(json.dumps(metrics, indent=1))
-        return
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            click.echo(f"{key:>24}: {value:.4f}")
-        elif not isinstance(value, list):
-            click.echo(f"{key:>24}: {value}")
 def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -299,3 +169,136 @@ def export_cmd(
     files = ", ".join(map(str, result.files))
     click.echo(f"wrote {files} (max|diff| {result.max_abs:.3g}, relative {result.max_rel:.3g})")
     click.echo(f"check: {result.sidecar}")
+EXIT_USAGE = 2
+
+
+def usage_fail(message: str) -> None:
+    """Print ``error: message`` on stderr and exit 2 (a usage error)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-t", "--task", "tasks", multiple=True, type=click.Choice(TASK_NAMES),
+              help="Task to run; repeat for several (each image is decoded once).")
+@click.option("--size", default=DEFAULT_SIZE, show_default=True, type=click.Choice(PREDICT_SIZES),
+              help="Zoo model size for tasks without --checkpoint.")
+@click.option("--checkpoint", "checkpoints", multiple=True, metavar="[TASK=]REF",
+              help="Zoo name, Hub repo id or local file; TASK=REF when several tasks run.")
+@click.option("--input-size", metavar="HxW", help="Model input size (default: the model's, 1024x768).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
+              help="Dense maps as exr (default) or npy; pretrain features as npy (default) or safetensors.")
+@click.option("--vis", is_flag=True, help="Also write overlays under OUT/vis/<task>/ (videos: one .mp4 each).")
+@click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders of folder inputs.")
+@click.option("-b", "--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", type=click.IntRange(min=0), help="Reader threads (writers: half). Default: from the CPU count.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS))
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (static batch).")
+@click.option("--skip-existing/--overwrite", "skip_existing", default=True, show_default=True,
+              help="Skip images whose outputs all exist, or redo everything.")
+@click.option("--shard", metavar="i/N", help="Process every N-th image from the i-th (0-based); "
+              "default: the SLURM array task when there is one.")
+@click.option("--tile", default="off", show_default=True, metavar="auto|off|HxW",
+              help="Dense tasks on large images: overlapping tiles at native scale, blended. auto: when a "
+                   "side exceeds 1.5x the model input; HxW: tiles of that size for images larger than one.")
+@click.option("--tile-overlap", type=click.IntRange(min=0), metavar="PX",
+              help="Minimum overlap of neighbouring tiles (default: a quarter of the tile's shorter side).")
+@click.option("--stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Videos: every N-th frame (frame index divisible by N).")
+@click.option("--start", metavar="POS", help="Videos: first frame, a frame number (120) or a time (4.5s, 01:02.5).")
+@click.option("--end", metavar="POS", help="Videos: stop before this frame or time.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress; failures are still printed.")
+@click.option("--bboxes", metavar="FILE", help="Pose: person boxes from a JSON file ({\"<path relative to "
+              "the input root>\": [[x1, y1, x2, y2, score?], ...]} or COCO) instead of the detector.")
+@click.option("--detector", metavar="REF|none", help="Pose: person detector weights (Hub repo, .pth, "
+              ".safetensors; default facebook/sapiens-pose-bbox-detector); none: the whole image.")
+@click.option("--bbox-thr", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Pose: keep person boxes scoring above this.")
+@click.option("--nms-thr", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Pose: IoU threshold of the detector's NMS.")
+@click.option("--keypoint-format", default="goliath308", show_default=True, type=click.Choice(KEYPOINT_FORMAT_NAMES),
+              help="Pose: keypoint layout written (converted by keypoint name).")
+@click.option("--kpt-thr", default=0.3, show_default=True, type=float, help="Pose --vis: draw points scoring this or more.")
+@click.option("--radius", type=click.IntRange(min=1), help="Pose --vis: keypoint radius, px [8 at a 1920 px long side].")
+@click.option("--thickness", type=click.IntRange(min=1), help="Pose --vis: link width, px [8 at a 1920 px long side].")
+@click.option("--no-flip-test", is_flag=True, help="Pose: no flip test (half the model time, less accurate).")
+def predict_cmd(inputs: tuple[str, ...], output: str, tasks: tuple[str, ...], size: str,
+                checkpoints: tuple[str, ...], input_size: str | None, fmt: str | None, vis: bool, recursive: bool,
+                batch_size: int, workers: int | None, device: str, precision: str, compile_: bool,
+                skip_existing: bool, shard: str | None, tile: str, tile_overlap: int | None, stride: int,
+                start: str | None, end: str | None, quiet: bool, bboxes: str | None, detector: str | None,
+                bbox_thr: float, nms_thr: float, keypoint_format: str, kpt_thr: float, radius: int | None,
+                thickness: int | None, no_flip_test: bool) -> None:  # fmt: skip
+    """Run seg / pose / normal / pointmap / albedo / pretrain on images and videos: files, folders,
+    globs, .txt lists or - (stdin).
+
+    Outputs go to OUT/<task>/<input path relative to its root>.<ext> (video frames:
+    OUT/<task>/<video>/<frame:06d>.<ext>), with OUT/run.json describing the run. Exit 0 when
+    every image and frame succeeded, 1 when any failed, 2 on usage errors.
+    """
+    import signal
+
+    from sapiens2_cli.hub import HubError
+    from sapiens2_cli.plan import PlanError, PredictOptions, parse_input_size, parse_tile
+    from sapiens2_cli.sources import SourceError, parse_shard
+    from sapiens2_cli.tasks.pose_options import PoseOptions
+
+    try:
+        pose = PoseOptions(
+            bboxes=bboxes, detector=detector, bbox_thr=bbox_thr, nms_thr=nms_thr, keypoint_format=keypoint_format,
+            kpt_thr=kpt_thr, radius=radius, thickness=thickness, flip_test=not no_flip_test,
+        )  # fmt: skip
+        options = PredictOptions(
+            inputs=inputs, output=Path(output), tasks=tasks, size=size, checkpoints=checkpoints,
+            input_size=parse_input_size(input_size) if input_size else None, fmt=fmt, vis=vis,
+            recursive=recursive, batch_size=batch_size, workers=workers, device=device,
+            precision=precision, compile=compile_, overwrite=not skip_existing,
+            shard=parse_shard(shard) if shard else None, tile=parse_tile(tile), tile_overlap=tile_overlap,
+            stride=stride, start=start, end=end, quiet=quiet, pose=pose,
+            command=("sapiens2", *click.get_current_context().meta.get(ARGV_KEY, sys.argv[1:])),
+        )  # fmt: skip
+    except ValueError as err:  # PlanError, SourceError, PoseOptions' checks
+        usage_fail(str(err))
+
+    from sapiens2_cli.predict import run_predict
+    from sapiens2_cli.weights import CheckpointError
+
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)  # farm schedulers stop jobs with SIGTERM
+    try:
+        record = run_predict(options, stdin=sys.stdin)
+    except (PlanError, SourceError, CheckpointError) as err:
+        usage_fail(str(err))
+    except HubError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        sys.exit(128 + (received[0] if received else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if record.status == "interrupted":
+        click.echo("interrupted: outputs written so far are complete; run again to resume", err=True)
+        sys.exit(128 + (received[0] if received else signal.SIGINT))
+    if not quiet:
+        click.echo(
+            f"done: {record.ok} ok, {record.skipped} skipped, {record.failed} failed "
+            f"of {record.total} -> {output}", err=True,
+        )  # fmt: skip
+    sys.exit(EXIT_FAILED if record.failed or record.failures else 0)
+
+
+def _register_training_commands() -> None:
+    from sapiens2_cli.cli_train import evaluate_cmd, finetune_cmd, pretrain_cmd
+
+    for command in (finetune_cmd, pretrain_cmd, evaluate_cmd):
+        main.add_command(command)
+
+
+_register_training_commands()

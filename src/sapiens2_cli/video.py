@@ -18,7 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".wmv", ".flv"})
+from sapiens2_cli.sources import VIDEO_EXTENSIONS  # noqa: F401 - re-exported: the video names
+from sapiens2_cli.writers import part_path
 
 
 class VideoError(RuntimeError):
@@ -180,7 +181,7 @@ def iter_frames(
                 if packet.pts is None:
                     continue
                 index = round((packet.pts - origin) * tb * fps)
-                if first <= index and (last is None or index < last):
+                if first <= index and (last is None or index < last) and index % stride == 0:
                     yield FrameError(index, (packet.pts - origin) * tb, f"undecodable packet ({err})")
                 continue
             for frame in frames:
@@ -208,8 +209,11 @@ def _to_index(pos: tuple[str, float] | None, fps: float, default: int | None) ->
 class VideoWriter:
     """Encode BGR frames to H.264 MP4 at a source's rate and time base, copying its audio.
 
-    Written to a temporary name and renamed on ``close()``: a killed run never leaves a
-    half-written video under the final name. ``abort()`` removes the temporary file.
+    Written to a temporary name (``.<name>.part``, the one every output uses, so that the next
+    run replaces a killed run's leftover) and renamed on ``close()``: a killed run never leaves
+    a half-written video under the final name. ``abort()`` removes the temporary file. Frames
+    take the size of the first one (cropped to even sides for yuv420p); later frames of another
+    size are cropped or padded with black to it.
     """
 
     def __init__(self, path: str | os.PathLike, source: VideoInfo, *, crf: int = 20, copy_audio: bool = True) -> None:
@@ -217,9 +221,9 @@ class VideoWriter:
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.stem}.part-{os.getpid()}{self.path.suffix}")
+        self.tmp = part_path(self.path)
         self._source = av.open(source.path) if copy_audio and source.has_audio else None
-        self.container = av.open(str(self.tmp), mode="w")
+        self.container = av.open(str(self.tmp), mode="w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=source.fps)
         self.stream.time_base = source.time_base
         self.stream.codec_context.time_base = source.time_base
@@ -240,20 +244,27 @@ class VideoWriter:
             self._size = (w - w % 2, h - h % 2)  # yuv420p needs even sizes
             self.stream.width, self.stream.height = self._size
         if (w, h) != self._size:
-            image = image[: self._size[1], : self._size[0]]
+            fitted = np.zeros((self._size[1], self._size[0], 3), np.uint8)
+            fitted[: min(h, self._size[1]), : min(w, self._size[0])] = image[: self._size[1], : self._size[0]]
+            image = fitted
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
         frame.pts = pts
         frame.time_base = self.stream.time_base
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
 
-    def close(self) -> Path:
-        """Flush, copy the audio, and move the file to its final name."""
+    def close(self, *, audio_from: float | None = None, audio_to: float | None = None) -> Path:
+        """Flush, copy the audio (the packets starting in ``[audio_from, audio_to)`` seconds of
+        the source's audio stream, all by default), and move the file to its final name."""
         for packet in self.stream.encode():
             self.container.mux(packet)
         if self._audio_in is not None:
+            tb = self._audio_in.time_base
             for packet in self._source.demux(self._audio_in):
                 if packet.dts is None:
+                    continue
+                t = float(packet.pts * tb) if packet.pts is not None and tb else None
+                if t is not None and ((audio_from is not None and t < audio_from) or (audio_to is not None and t >= audio_to)):
                     continue
                 packet.stream = self._audio_out
                 self.container.mux(packet)

@@ -180,9 +180,12 @@ def build_head(cfg: HeadConfig) -> nn.Module:
     return UpsampleHead(cfg)
 
 
-def pointmap_scale_inputs(channels: int, grid: tuple[int, int]) -> int:
-    """Scale-MLP input width for a feature grid ``(h, w)``: three ceil-halvings of each side."""
-    return channels * math.ceil(grid[0] / 8) * math.ceil(grid[1] / 8)
+def pointmap_scale_inputs(channels: int, grid: tuple[int, int], num_convs: int = 3) -> int:
+    """Scale-MLP input width for a feature grid ``(h, w)``: each stride-2 1x1 conv maps n -> ceil(n/2)."""
+    h, w = grid
+    for _ in range(num_convs):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return channels * h * w
 
 
 # --------------------------------------------------------------------------- inference from shapes

@@ -8,6 +8,7 @@ rounding is what makes outputs match the released models (fp32 RoPE moves featur
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -59,7 +60,11 @@ class RopePositionEmbedding(nn.Module):
         return cached
 
     def tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sin, cos)`` for an ``h x w`` patch grid, computed afresh (no cache)."""
+        """``(sin, cos)`` for an ``h x w`` patch grid, computed afresh (no cache, no autocast)."""
+        with no_autocast(self.periods.device):
+            return self._tables(h, w)
+
+    def _tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         dd = {"device": self.periods.device, "dtype": ROPE_DTYPE}
         ys = torch.arange(0.5, h, **dd) / h  # [h]
         xs = torch.arange(0.5, w, **dd) / w  # [w]
@@ -68,6 +73,13 @@ class RopePositionEmbedding(nn.Module):
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [N, 2, d/4]
         angles = angles.flatten(1, 2).tile(2)  # [N, d]
         return torch.sin(angles), torch.cos(angles)
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device`` (a no-op where autocast does not exist, e.g. meta)."""
+    if device.type in ("cpu", "cuda", "mps", "xpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +101,9 @@ def with_prefix(sin: torch.Tensor, cos: torch.Tensor, prefix: int) -> tuple[torc
     patches out and concatenating the prefix back in every layer.
     """
     shape = (*sin.shape[:-2], prefix, sin.shape[-1])
-    zeros = sin.new_zeros(shape)
-    return torch.cat([zeros, sin], dim=-2), torch.cat([zeros + 1, cos], dim=-2)
+    with no_autocast(sin.device):  # bf16 tables: autocast must not re-type them
+        zeros = sin.new_zeros(shape)
+        return torch.cat([zeros, sin], dim=-2), torch.cat([zeros + 1, cos], dim=-2)
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
@@ -109,22 +122,25 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     if sin.dtype == torch.float32:
         return _apply_rope_rounded(x, sin, cos)
     dtype = x.dtype
-    x = x.to(sin.dtype)
-    prefix = x.shape[-2] - sin.shape[-2]
-    if prefix == 0:
-        return (x * cos + _rotate_half(x) * sin).to(dtype)
-    patches = x[:, :, prefix:]
-    rotated = patches * cos + _rotate_half(patches) * sin
-    return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
+    # The rotation is bf16 by design: autocast (fp16 in particular) must not re-type it.
+    with no_autocast(x.device):
+        x = x.to(sin.dtype)
+        prefix = x.shape[-2] - sin.shape[-2]
+        if prefix == 0:
+            return (x * cos + _rotate_half(x) * sin).to(dtype)
+        patches = x[:, :, prefix:]
+        rotated = patches * cos + _rotate_half(patches) * sin
+        return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
 
 
 def _apply_rope_rounded(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """``apply_rope`` in float32 with explicit bf16 rounding (tables float32, bf16-valued)."""
     dtype = x.dtype
-    x = round_bf16(x.float())
-    prefix = x.shape[-2] - sin.shape[-2]
-    patches = x[:, :, prefix:]
-    rotated = round_bf16(round_bf16(patches * cos) + round_bf16(_rotate_half(patches) * sin))
-    if prefix == 0:
-        return rotated.to(dtype)
-    return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)
+    with no_autocast(x.device):
+        x = round_bf16(x.float())
+        prefix = x.shape[-2] - sin.shape[-2]
+        patches = x[:, :, prefix:]
+        rotated = round_bf16(round_bf16(patches * cos) + round_bf16(_rotate_half(patches) * sin))
+        if prefix == 0:
+            return rotated.to(dtype)
+        return torch.cat([x[:, :, :prefix], rotated], dim=-2).to(dtype)

@@ -45,7 +45,7 @@ __all__ = [
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
-Task = Literal["pose", "seg", "normal", "pointmap", "albedo"]
+Task = Literal["pose", "seg", "normal", "pointmap", "albedo", "pretrain"]
 Size = Literal["0.1b", "0.4b", "0.8b", "1b", "5b", "1b-4k"]
 
 
@@ -57,6 +57,8 @@ class ArchConfig:
     num_layers: int | None = None
     num_heads: int | None = None
     ffn: int | None = None  # SwiGLU hidden width
+    patch_size: int | None = None  # input pixels per patch side (16 in every release)
+    n_storage_tokens: int | None = None  # extra prefix tokens (8 in every release)
 
 
 @dataclass
@@ -87,6 +89,8 @@ class ModelConfig:
     init: str | None = "pretrain"
     # whole-model weights (weights only, tensors whose shape differs are skipped); null = none
     load_from: str | None = None
+    # LayerScale weights of a random initialisation; null = the module's 1e-4
+    layer_scale_init: float | None = None
 
 
 @dataclass
@@ -112,6 +116,7 @@ class DataConfig:
     max_retries: int = 1000  # redraws of a random other sample when one is rejected
     class_map: str | None = None  # seg: JSON with a label remap and optionally a class list
     albedo_exr_linear: bool = True  # albedo: EXR targets are linear RGB (converted to sRGB)
+    shuffle_window: int = 1024  # pretrain: stream items shuffled together (pretrain/data.py)
 
 
 @dataclass
@@ -232,6 +237,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    if cfg.checkpoint.keep is not None and cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep must be >= 1 or null, got {cfg.checkpoint.keep}")
+    if cfg.checkpoint.interval < 1:
+        raise ConfigError(f"checkpoint.interval must be >= 1, got {cfg.checkpoint.interval}")
     if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
     if not 0 <= cfg.schedule.warmup_iters < cfg.train.iterations:
@@ -255,13 +264,18 @@ def _check_ranges(section: Any, where: str) -> None:
             _check_ranges(value, key)
         elif f.name == "p" and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} is a probability and must be in [0, 1], got {value}")
-        elif isinstance(value, tuple) and len(value) == 2 and value[0] > value[1]:
+        elif (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and not f.name.endswith("size")  # sizes are [H, W] pairs, not ranges
+            and value[0] > value[1]
+        ):
             raise ConfigError(f"{key} is a [low, high] range, got {list(value)}")
 
 
 # --------------------------------------------------------------------------- recipes
 def available_recipes() -> list[str]:
-    """Names of the recipes shipped with the package (``<task>/<size>``), sorted."""
+    """Names of the recipes shipped with the package (``<task>/<size>``, pretraining included), sorted."""
     return sorted(
         p.relative_to(RECIPES_DIR).with_suffix("").as_posix()
         for p in RECIPES_DIR.rglob("*.yaml")

@@ -24,11 +24,10 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from sapiens2_cli.distributed import (
     DistEnv,
@@ -38,11 +37,16 @@ from sapiens2_cli.distributed import (
     setup_logging,
     shutdown,
 )
-from sapiens2_cli.train.checkpoint import list_checkpoints
-from sapiens2_cli.train.config import Config, ConfigError, to_yaml, write_config
+from sapiens2_cli.train.config import Config, ConfigError
 from sapiens2_cli.train.loop import FitResult, LoopSettings, Trainer
 from sapiens2_cli.train.model_setup import Labels, build_model, initialise, labels_of
 from sapiens2_cli.train.parallel import full_state, parallelize, unwrap
+from sapiens2_cli.train.run_folder import (
+    RunError,
+    config_differences,
+    on_main,
+    prepare_run_dir,
+)
 
 __all__ = [
     "RunError",
@@ -54,11 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("sapiens2")
-T = TypeVar("T")
-
-
-class RunError(RuntimeError):
-    """The run folder cannot be used as asked (the message says why and what to do)."""
 
 
 def resolve_run_config(
@@ -78,6 +77,8 @@ def resolve_run_config(
     from sapiens2_cli.train.model_setup import run_arch, run_head
 
     cfg = resolve(recipe, overrides)
+    if cfg.task == "pretrain":
+        raise ConfigError("a pretraining recipe: run it with `sapiens2 pretrain`")
     changes = {}
     if data:
         changes["train"] = [DatasetSpec(path=str(p)) for p in data]
@@ -87,65 +88,7 @@ def resolve_run_config(
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
         validate(cfg)
     run_head(cfg, run_arch(cfg.model), out_channels=1)
-    if cfg.checkpoint.keep is not None and cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep must be >= 1 or null, got {cfg.checkpoint.keep}")
-    if cfg.checkpoint.interval < 1:
-        raise ConfigError(f"checkpoint.interval must be >= 1, got {cfg.checkpoint.interval}")
     return cfg
-
-
-def config_differences(old: str, new: str) -> list[str]:
-    """Dotted keys whose values differ between two ``to_yaml`` texts (``output_dir`` ignored)."""
-
-    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(tree, dict):
-            out: dict[str, Any] = {}
-            for key, value in tree.items():
-                out.update(flat(value, f"{prefix}{key}."))
-            return out
-        return {prefix[:-1]: tree}
-
-    a, b = flat(yaml.safe_load(old) or {}), flat(yaml.safe_load(new) or {})
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "output_dir")
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
-
-
-def prepare_run_dir(cfg: Config, run_dir: Path, *, resume: bool) -> bool:
-    """Check ``run_dir`` against ``resume`` and write ``config.yaml``; returns True to resume.
-
-    Raises:
-        RunError: the folder holds a run and ``resume`` is off, or its configuration differs.
-    """
-    saved = run_dir / "config.yaml"
-    has_run = bool(list_checkpoints(run_dir)) or (run_dir / "final.safetensors").exists()
-    if has_run and not resume:
-        raise RunError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another "
-            "output folder"
-        )
-    if resume and has_run and saved.is_file():
-        changed = config_differences(saved.read_text(), to_yaml(cfg))
-        if changed:
-            raise RunError(
-                f"{saved}: the run was started with another configuration, so it cannot be "
-                f"resumed exactly; differences: {'; '.join(changed)}"
-            )
-    write_config(cfg, saved)
-    return resume and has_run
-
-
-def _on_main(env: DistEnv, fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0; an exception there is raised on every rank (no rank hangs)."""
-    result, error = None, None
-    if env.is_main:
-        try:
-            result = fn()
-        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
-            error = err
-    error = broadcast_object(error, env)
-    if error is not None:
-        raise error
-    return result
 
 
 def _seed(seed: int) -> None:
@@ -229,7 +172,7 @@ def _finetune(
     if not cfg.data.train:
         raise ConfigError("no training data: pass --data DIR or set data.train")
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
-    resuming = _on_main(env, lambda: prepare_run_dir(cfg, run_dir, resume=resume))
+    resuming = on_main(env, lambda: prepare_run_dir(cfg, run_dir, resume=resume))
     resuming = broadcast_object(resuming, env)
     setup_logging(env, run_dir / "train.log")
     log.info(
@@ -254,7 +197,7 @@ def _finetune(
 
     _seed(cfg.train.seed)  # identical initialisation on every rank
     # resuming: the checkpoint supplies the weights, so model.init is not read again
-    model = _on_main(env, lambda: _initial_model(cfg, labels, load_init=not resuming))
+    model = on_main(env, lambda: _initial_model(cfg, labels, load_init=not resuming))
     if not env.is_main:
         model = build_model(cfg, labels, device="meta")
     _seed(cfg.train.seed + env.rank)

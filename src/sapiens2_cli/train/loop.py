@@ -23,7 +23,8 @@ through these extension points:
     it may gather weights) and is kept in checkpoints.
 ``extra_state: {name: Stateful}``
     Objects saved in and restored from checkpoints besides model, optimizer and scheduler
-    (``checkpoint.Stateful``: e.g. the EMA teacher and its centre).
+    (``checkpoint.Stateful``: e.g. a streamed dataset's position; an EMA teacher that is a
+    submodule of ``model`` is saved with the model).
 
 Order within an optimizer step: micro-batches (gradient all-reduce only on the last), clip
 (global L2 norm; a non-finite norm skips the update and is logged), ``optimizer.step()``,

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from sapiens2_cli.models.arch import ARCHS, BackboneArch, official_kv_heads, size_name
-from sapiens2_cli.models.heads import HeadConfig, official_head
+from sapiens2_cli.models.heads import HeadConfig, official_head, pointmap_scale_inputs
+from sapiens2_cli.models.layers import LayerScale
 from sapiens2_cli.models.sapiens2 import ModelInfo, Sapiens2Model
 from sapiens2_cli.train.config import Config, ConfigError, ModelConfig
 
@@ -71,12 +72,13 @@ class Labels:
     flip_index: tuple[int, ...] | None = None
 
     def metadata(self, task: str) -> dict[str, str]:
-        """``save_model`` metadata: ``classes`` (seg) or ``keypoints`` + ``flip_index`` (pose)."""
+        """``save_model`` metadata: ``class_names`` (seg) or ``keypoint_names`` + ``flip_index`` (pose),
+        the keys exported artifacts use too."""
         if task == "seg":
-            return {"classes": json.dumps(list(self.names))}
+            return {"class_names": json.dumps(list(self.names))}
         if task == "pose":
             return {
-                "keypoints": json.dumps(list(self.names)),
+                "keypoint_names": json.dumps(list(self.names)),
                 "flip_index": json.dumps(list(self.flip_index or ())),
             }
         return {}
@@ -108,6 +110,10 @@ def run_arch(cfg: ModelConfig) -> BackboneArch:
         raise ConfigError(
             f"model.arch: embed_dims {dim} must split into {heads} heads of a size divisible by 4"
         )
+    for key in ("patch_size", "n_storage_tokens"):
+        value = getattr(over, key)
+        if value is not None and value < (1 if key == "patch_size" else 0):
+            raise ConfigError(f"model.arch.{key} must be positive, got {value}")
     return dataclasses.replace(
         base,
         embed_dims=dim,
@@ -116,6 +122,8 @@ def run_arch(cfg: ModelConfig) -> BackboneArch:
         feedforward_channels=ffn,
         kv_heads=official_kv_heads(layers, heads),
         tokenizer_ffn=4 * dim if base.use_tokenizer else 0,
+        patch_size=over.patch_size or base.patch_size,
+        n_storage_tokens=base.n_storage_tokens if over.n_storage_tokens is None else over.n_storage_tokens,
     )
 
 
@@ -147,27 +155,27 @@ def run_head(cfg: Config, arch: BackboneArch, out_channels: int) -> HeadConfig:
     if task == "pointmap":
         scale_convs = tuple(over.scale_conv_channels or head.scale_conv_out_channels)
         hidden = tuple(over.scale_mlp_channels or head.scale_mlp[1:-1])
-        h, w = (cfg.model.input_size[0] // arch.stride, cfg.model.input_size[1] // arch.stride)
-        for _ in scale_convs:  # each 1x1 stride-2 conv: n -> ceil(n / 2)
-            h, w = -(-h // 2), -(-w // 2)
+        grid = (cfg.model.input_size[0] // arch.stride, cfg.model.input_size[1] // arch.stride)
         changes["scale_conv_out_channels"] = scale_convs
         changes["scale_conv_kernel_sizes"] = (1,) * len(scale_convs)
-        changes["scale_mlp"] = (scale_convs[-1] * h * w, *hidden, 1)
+        changes["scale_mlp"] = (pointmap_scale_inputs(scale_convs[-1], grid, len(scale_convs)), *hidden, 1)
     return dataclasses.replace(head, **changes)
 
 
-def init_weights(model: Sapiens2Model) -> None:
+def init_weights(model: Sapiens2Model, *, layer_scale: float | None = None) -> None:
     """Random initialisation (uses the global torch RNG; seed it first).
 
     Backbone: truncated-normal (std 0.02) linear weights, zero biases, ``[cls]`` and storage
-    tokens ~ N(0, 0.02) truncated; norms and LayerScale keep their constructor values (1 and
-    1e-4). Head: Kaiming-normal (fan-out) convolutions, zero biases.
+    tokens ~ N(0, 0.02) truncated; norms keep 1 and LayerScale ``layer_scale`` (None = its
+    constructor value 1e-4). Head: Kaiming-normal (fan-out) convolutions, zero biases.
     """
     for module in model.backbone.modules():
         if isinstance(module, nn.Linear):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, LayerScale) and layer_scale is not None:
+            nn.init.constant_(module.weight, layer_scale)
     for name in ("cls_token", "storage_tokens"):
         nn.init.trunc_normal_(getattr(model.backbone, name), std=0.02)
     if model.decode_head is not None:
@@ -195,7 +203,7 @@ def build_model(
     with device:
         model = Sapiens2Model(cfg.task, arch, head)
     if device.type != "meta":
-        init_weights(model)
+        init_weights(model, layer_scale=cfg.model.layer_scale_init)
     model.info = ModelInfo(
         task=cfg.task,
         arch=arch,

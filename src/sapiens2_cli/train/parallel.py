@@ -6,14 +6,18 @@ meta device, no memory) and returns the module to train, every rank holding rank
 * one process: the model moved to the device, unwrapped;
 * ``ddp``: ``DistributedDataParallel``; its constructor broadcasts rank 0's parameters and
   buffers (the other ranks' tensors are allocated uninitialised first);
-* ``fsdp``: FSDP2 — ``fully_shard`` on every transformer block, on the decode head and on the
-  root (so parameters are all-gathered block by block); with ``precision: bf16`` the
-  parameters are cast to bf16 for compute and gradients reduced in fp32. Rank 0's full state
-  dict (taken before sharding) is then broadcast shard by shard.
+* ``fsdp``: FSDP2 — ``fully_shard`` on every unit (by default each transformer block and the
+  decode head; a model with other parts passes its own ``units``) and on the root, which
+  holds the parameters of no unit (so parameters are all-gathered unit by unit); with
+  ``precision: bf16`` the parameters are cast to bf16 for compute and gradients reduced in
+  fp32. Rank 0's full state dict (taken before sharding) is then broadcast shard by shard.
+  Parameters that do not require gradients (a frozen or EMA-updated copy) are sharded the
+  same way and simply receive no gradient.
 
 Activation checkpointing re-runs each backbone block in the backward pass
-(``backbone.grad_checkpointing``); ``compile`` compiles each block and the head separately
-(before sharding, so FSDP's hooks stay outside the graphs).
+(``backbone.grad_checkpointing``); ``compile`` compiles each unit separately (before
+sharding, so FSDP's hooks stay outside the graphs). Units are entered through ``__call__``
+(FSDP2's hooks are forward hooks).
 
 State dicts go through ``torch.distributed.checkpoint.state_dict`` with full (unsharded)
 tensors gathered to rank 0's CPU, so a checkpoint has the same layout whatever the parallelism
@@ -23,7 +27,7 @@ and world size: parameter names without wrapper prefixes, optimizer state keyed 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -53,17 +57,25 @@ def parallelize(
     precision: Literal["fp32", "bf16"] = "fp32",
     activation_checkpointing: bool = False,
     compile: bool = False,
+    units: Sequence[nn.Module] | None = None,
 ) -> nn.Module:
-    """Place, wrap and synchronise ``model`` (module docstring). Rank 0's weights win."""
+    """Place, wrap and synchronise ``model`` (module docstring). Rank 0's weights win.
+
+    ``units``: the sub-modules compiled one by one and made FSDP2 units, inner ones before the
+    modules that contain them; None = ``model.backbone.blocks`` and ``model.decode_head``.
+    ``activation_checkpointing`` sets ``model.backbone.grad_checkpointing`` when there is one.
+    """
     backbone = getattr(model, "backbone", None)
     if backbone is not None:
         backbone.grad_checkpointing = activation_checkpointing
-    if compile:
-        blocks = list(backbone.blocks) if backbone is not None else []
-        for block in blocks:
-            block.compile()
+    if units is None:
+        units = list(backbone.blocks) if backbone is not None else []
         if getattr(model, "decode_head", None) is not None:
-            model.decode_head.compile()
+            units.append(model.decode_head)
+    units = list(units)
+    if compile:
+        for unit in units:
+            unit.compile()
     if not env.distributed:
         return model.to(env.device)
     if mode == "ddp":
@@ -73,10 +85,10 @@ def parallelize(
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None
         )
-    return _fsdp(model, env, precision)
+    return _fsdp(model, env, precision, units)
 
 
-def _fsdp(model: nn.Module, env: DistEnv, precision: str) -> nn.Module:
+def _fsdp(model: nn.Module, env: DistEnv, precision: str, units: list[nn.Module]) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -86,12 +98,6 @@ def _fsdp(model: nn.Module, env: DistEnv, precision: str) -> nn.Module:
         param_dtype=torch.bfloat16 if precision == "bf16" else None,
         reduce_dtype=torch.float32,
     )
-    units: list[nn.Module] = []
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None:
-        units += list(backbone.blocks)
-    if getattr(model, "decode_head", None) is not None:
-        units.append(model.decode_head)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -135,7 +141,10 @@ def full_state(
 
     Collective under FSDP: every rank must call it.
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     if optimizer is None:
         return get_model_state_dict(unwrap(model), options=_options(cpu_offload=True)), None

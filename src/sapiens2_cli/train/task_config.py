@@ -3,7 +3,7 @@
 Every default is the value of the released fine-tuning configs (training spec §2, §1.7); the
 augmentation classes are consumed by ``augment.py`` / ``pose_augment.py`` and the loss classes by
 ``losses.py`` / ``pointmap_loss.py``. ``TASK_SECTIONS`` maps a task name to its two section
-classes; a new objective (e.g. pretraining) registers its own pair here.
+classes; pretraining registers its pair (multi-crop views, objective) from ``pretrain/config.py``.
 
 Probabilities are called ``p`` everywhere; ranges are ``[low, high]`` pairs sampled uniformly.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+from sapiens2_cli.pretrain.config import PretrainAugment, PretrainLoss
 
 Range = tuple[float, float]
 
@@ -263,4 +265,5 @@ TASK_SECTIONS: dict[str, tuple[type, type]] = {
     "normal": (NormalAugment, NormalLoss),
     "pointmap": (PointmapAugment, PointmapLoss),
     "albedo": (AlbedoAugment, AlbedoLoss),
+    "pretrain": (PretrainAugment, PretrainLoss),
 }
