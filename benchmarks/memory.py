@@ -4,7 +4,8 @@ A process that already ran a forward keeps freed memory in its allocator and reu
 resident-set growth of a later call understates its needs; this script measures every
 (implementation, dtype) in its own process instead:
 
-* ``weights``: bytes of the parameters and buffers the model holds;
+* ``weights``: bytes of the parameters and buffers the model holds (made resident before the
+  forward: a float32 load keeps them as views of the file's pages until they are first read);
 * ``activations``: the high-water mark of the first forward above the loaded state;
 * ``total``: the high-water mark of the process during that forward (Python, torch, weights
   and activations; the loading's own transient peak is not counted).
@@ -50,6 +51,10 @@ def child(spec: dict) -> dict:
         for t in [*m.parameters(), *m.buffers()]
     }
     x = torch.randn(spec["batch"], 3, *size).to(device, DTYPES[spec["dtype"]])
+    with torch.inference_mode():  # fault in weights still mapped from the file (a float32 load
+        for m in models.cache.values():  # keeps them as views of its pages): they are weights,
+            for t in [*m.parameters(), *m.buffers()]:  # not activations
+                t.sum()
     if cuda:
         torch.cuda.synchronize(device)
         loaded = torch.cuda.memory_allocated(device)

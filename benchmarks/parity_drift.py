@@ -30,6 +30,7 @@ VARIANTS = ("fused", "separate", "legacy", "compile_model", "torch.compile")
 
 def run_variant(variant: str, path: Path, x: torch.Tensor) -> torch.Tensor:
     model = load_model(path, fuse_qkv=variant not in ("separate", "legacy"))
+    torch._dynamo.reset()  # a fresh compilation per case (past 8 recompiles dynamo runs eager)
     if variant == "compile_model":
         model = compile_model(model)
     elif variant == "torch.compile":

@@ -6,6 +6,7 @@
 #   benchmarks/run_cpu.sh two-threads   # the whole machine (wall-clock img/s under its load)
 #   benchmarks/run_cpu.sh one-thread    # one core: CPU seconds per image, free of the thread
 #                                       # stalls that other jobs cause (see BENCHMARKS.md)
+#   benchmarks/run_cpu.sh rest          # 0.4b task models, profiles, memory, parity drift
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -54,14 +55,34 @@ one_thread() {
       run $T --size 0.4b --part task --impl $impl --dtype $dtype --iters 1
     done
   done
+}
+
+# the rest of the one-thread set, run in a later session on a quiet machine (the first stopped
+# during the 0.4b task-model runs)
+rest() {
+  T="$F --threads 1 --no-peak"
+  for dtype in fp32 bf16; do
+    for impl in ours-fused hf; do
+      run $T --size 0.4b --part task --impl $impl --dtype $dtype --iters 1
+    done
+  done
+  # whole machine, quiet: fp32 and bf16 side by side, two rounds each
+  run $F --size 0.1b --part backbone --impl ours-fused,hf --dtype fp32,bf16 --iters 2 --no-peak
   # operator tables
   run benchmarks/profile_ops.py --threads 1 --size 0.4b --dtype fp32 --fused
   run benchmarks/profile_ops.py --threads 1 --size 0.4b --dtype bf16 --fused
   run benchmarks/profile_ops.py --threads 1 --size 0.4b --dtype bf16 --compiled
+  # peak memory, one process per implementation and dtype
+  run benchmarks/memory.py --threads 1 --size 0.4b --part backbone --impl ours-fused,hf --dtype fp32,bf16 --out $OUT
+  run benchmarks/memory.py --threads 1 --size 0.4b --part task --impl ours-fused,hf --dtype fp32,bf16 --out $OUT
+  run benchmarks/memory.py --threads 1 --size 0.1b --part task --impl ours-fused,hf --dtype fp32,bf16 --out $OUT
+  # how far each variant moves the official outputs
+  run benchmarks/parity_drift.py --fixtures "${SAPIENS2_FIXTURES:-../shared/fixtures}"
 }
 
 case "${1:-}" in
   two-threads) two_threads ;;
   one-thread) one_thread ;;
-  *) echo "usage: $0 two-threads|one-thread" >&2; exit 2 ;;
+  rest) rest ;;
+  *) echo "usage: $0 two-threads|one-thread|rest" >&2; exit 2 ;;
 esac
