@@ -51,3 +51,17 @@ def test_transformers_matches_once_rope_is_the_official_one(tmp_path):
         # as shipped, transformers' float32 RoPE moves the outputs by ~1e-2 relative
         assert record["hf_fp32_rope_max_rel"] > 1e-4
         assert record["hf_bf16_rope_max_abs"] < 1e-5
+
+
+def test_pipeline_overhead_runs_on_photos_and_on_a_video(tmp_path):
+    """predict_overhead.py times the real run on a folder of photos and on an H.264 video, every
+    picture processed once per round."""
+    spec = importlib.util.spec_from_file_location("bench_overhead", REPO / "benchmarks" / "predict_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    common = ["--task", "seg", "--input-size", "64x48", "--image-size", "160x120", "--rounds", "1"]
+    for source in (["--images", "3"], ["--video", "5", "--fps", "25"]):
+        result = module.main([*common, *source])
+        assert result["forward_only_images_per_second"] > 0 and result["end_to_end_images_per_second"] > 0
+        assert result["end_to_end_stage_seconds"]["forward"] > 0
+    assert result["config"]["video"] == 5

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -236,7 +237,8 @@ def test_detector_batches_images_and_a_failure_stays_with_its_image(tmp_path, ti
 
 def test_video_frames_go_through_the_detector(tmp_path, tiny_models):
     """Pose on a video beside seg: each kept frame is detected (frames batched -b at a time) and
-    gets its own records under OUT/pose/<video>/<frame>.json, one instance per detected person."""
+    gets one line of OUT/pose/<video>.jsonl, in frame order, with its index, its presentation
+    time and one instance per detected person; seg still writes one image per frame."""
     from sapiens2_cli.video import VideoFrame, iter_frames
     from videos import make_video
 
@@ -247,15 +249,63 @@ def test_video_frames_go_through_the_detector(tmp_path, tiny_models):
                      "-b", 2, "-o", out, "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     kept = [0, 3, 6]
-    assert files_under(out) == {"run.json", "seg/classes.json", "pose/keypoints.json"} | {
-        f"{task}/clip/{i:06d}.{ext}" for i in kept for task, ext in (("seg", "png"), ("pose", "json"))
+    assert files_under(out) == {"run.json", "seg/classes.json", "pose/keypoints.json", "pose/clip.jsonl"} | {
+        f"seg/clip/{i:06d}.png" for i in kept
     }
     run = read_json(out / "run.json")
     assert run["counts"] == {"total": 3, "ok": 3, "skipped": 0, "failed": 0}
     assert run["per_task"]["pose"] == {"ok": 3, "skipped": 0, "failed": 0}
     assert run["timings_s"]["detect"] > 0
     detector = load_detector(DETECTOR)
-    decoded = {f.index: f.image for f in iter_frames(clip) if isinstance(f, VideoFrame)}
-    for i in kept:
-        doc = read_json(out / "pose" / "clip" / f"{i:06d}.json")
-        assert len(doc["instances"]) == len(detector.detect(decoded[i]))
+    decoded = {f.index: f for f in iter_frames(clip) if isinstance(f, VideoFrame)}
+    text = (out / "pose" / "clip.jsonl").read_text()
+    assert text.endswith("\n") and text.count("\n") == len(kept)
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [(line["index"], line["time"]) for line in lines] == [(i, decoded[i].time) for i in kept]
+    assert [line["time"] for line in lines] == [0.0, 0.3, 0.6]  # 10 fps
+    for line in lines:
+        assert set(line) == {"index", "time", "instances"}
+        detected = detector.detect(decoded[line["index"]].image)
+        assert len(line["instances"]) == len(detected) >= 1
+        boxes = np.array([p["bbox"] for p in line["instances"]], np.float32)
+        np.testing.assert_allclose(boxes, detected[:, :4], atol=1e-3)  # batched by 2 vs alone: float rounding
+        assert all(len(p["keypoints"]) == len(p["keypoint_scores"]) == 308 for p in line["instances"])
+
+
+def test_a_video_line_is_the_record_of_the_same_picture_and_resumes_whole(tmp_path, tiny_models):
+    """A frame's line holds the instances its picture gets as an image; --vis encodes the
+    overlays as one video; a finished .jsonl is skipped on the next run, a missing one is rebuilt
+    from every frame, and a killed run's temporary file is never taken for it."""
+    from sapiens2_cli.video import VideoFrame, iter_frames
+    from sapiens2_cli.writers import PART_SUFFIX
+    from videos import make_video
+
+    clip = make_video(tmp_path / "clip.mp4", frames=5, size=(96, 64))
+    out = tmp_path / "out"
+    args = (clip, "-t", "pose", "--checkpoint", tiny_models["pose"], "--detector", "none", "-o", out, "-q")
+    result = predict(*args, "--vis")
+    assert result.exit_code == 0, result.output
+    assert files_under(out) == {"run.json", "pose/keypoints.json", "pose/clip.jsonl", "vis/pose/clip.mp4"}
+    with av.open(str(out / "vis" / "pose" / "clip.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+    lines = [json.loads(line) for line in (out / "pose" / "clip.jsonl").read_text().splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2, 3, 4]
+
+    frame = next(f for f in iter_frames(clip) if isinstance(f, VideoFrame) and f.index == 2)
+    cv2.imwrite(str(tmp_path / "frame.png"), frame.image)
+    single = tmp_path / "single"
+    result = predict(tmp_path / "frame.png", "-t", "pose", "--checkpoint", tiny_models["pose"], "--detector", "none",
+                     "-o", single, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert lines[2]["instances"] == read_json(single / "pose" / "frame.json")["instances"]
+
+    before = (out / "pose" / "clip.jsonl").read_bytes()
+    assert predict(*args).exit_code == 0
+    assert read_json(out / "run.json")["counts"] == {"total": 5, "ok": 0, "skipped": 5, "failed": 0}
+
+    (out / "pose" / "clip.jsonl").unlink()
+    (out / "pose" / f".clip.jsonl{PART_SUFFIX}").write_text('{"index": 0}\n')  # what a killed run leaves
+    assert predict(*args).exit_code == 0
+    assert read_json(out / "run.json")["counts"] == {"total": 5, "ok": 5, "skipped": 0, "failed": 0}
+    assert (out / "pose" / "clip.jsonl").read_bytes() == before
+    assert files_under(out / "pose") == {"keypoints.json", "clip.jsonl"}

@@ -51,6 +51,29 @@ def test_reduced_precision_load_keeps_rope_bf16(dtype):
     assert model.backbone.cls_token.dtype == dtype
 
 
+def _mapped(path) -> bool:
+    """Whether this process still maps ``path`` (Linux)."""
+    import gc
+
+    gc.collect()
+    return any(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
+
+
+def test_a_converting_load_leaves_no_view_of_the_file(tmp_path, seg_state):
+    """float32 file, bf16 model: the bf16 periods buffer would otherwise stay a view of the file
+    and keep the whole file mapped; a float32 load keeps its zero-copy views."""
+    path = tmp_path / "fp32.safetensors"
+    save_file(seg_state, path)
+    assert seg_state["backbone.rope_embed.periods"].dtype == torch.bfloat16
+    model = load_model(path, dtype=torch.bfloat16, fuse_qkv=False)
+    assert not _mapped(path)
+    torch.testing.assert_close(model.backbone.rope_embed.periods, seg_state["backbone.rope_embed.periods"], rtol=0, atol=0)
+    del model
+    model = load_model(path, fuse_qkv=False)
+    assert _mapped(path)  # float32 on the CPU: the parameters are the file's pages
+    torch.testing.assert_close(model.backbone.cls_token, seg_state["backbone.cls_token"], rtol=0, atol=0)
+
+
 def test_missing_and_unexpected_keys_are_named(tmp_path, seg_state):
     broken = dict(seg_state)
     del broken["backbone.blocks.1.attn.wq.bias"]

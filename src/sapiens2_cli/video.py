@@ -169,7 +169,8 @@ def iter_frames(
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        tb = float(stream.time_base)
+        exact_tb = Fraction(stream.time_base)  # times are exact fractions rounded once to float
+        tb = float(exact_tb)
         origin = stream.start_time or 0
         if first > 0:
             container.seek(int(origin + (first / fps) / tb), stream=stream, backward=True, any_frame=False)
@@ -180,13 +181,14 @@ def iter_frames(
             except av.error.FFmpegError as err:
                 if packet.pts is None:
                     continue
-                index = round((packet.pts - origin) * tb * fps)
+                at = float((packet.pts - origin) * exact_tb)
+                index = round(at * fps)
                 if first <= index and (last is None or index < last) and index % stride == 0:
-                    yield FrameError(index, (packet.pts - origin) * tb, f"undecodable packet ({err})")
+                    yield FrameError(index, at, f"undecodable packet ({err})")
                 continue
             for frame in frames:
                 pts = frame.pts
-                time = (pts - origin) * tb if pts is not None else (previous + 1) / fps
+                time = float((pts - origin) * exact_tb) if pts is not None else (previous + 1) / fps
                 index = max(round(time * fps), previous + 1)  # VFR: never reuse an index
                 previous = index
                 if last is not None and index >= last:

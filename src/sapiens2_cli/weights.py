@@ -257,6 +257,8 @@ def load_model(
 
     device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
+    views: list[str] = []  # tensors still backed by the file's memory map
+    copied = 0  # tensors read from the file and converted (or moved to another device)
     with safe_open(resolved.path, framework="pt", device="cpu") as f:
         for model_key in model.state_dict():
             key = file_key(model_key, bare=bare)
@@ -265,7 +267,20 @@ def load_model(
             else:
                 tensor = f.get_tensor(key)
             target = ROPE_DTYPE if key.endswith(PERIODS_KEY) else dtype
-            state[model_key] = tensor.to(device=device, dtype=target)
+            state[model_key] = loaded = tensor.to(device=device, dtype=target)
+            if key in found:
+                if loaded is tensor:
+                    views.append(model_key)
+                else:
+                    copied += 1
+        del tensor
+    if copied:
+        # Every view shares one mapping of the whole file: a single bf16 periods buffer left as a
+        # view of a float32 file loaded as bf16 would keep all of the file's pages mapped (and
+        # counted in the resident memory) for the model's lifetime. A fully zero-copy load
+        # (the file's dtype on the CPU) keeps its views; a converting one copies the few left.
+        for model_key in views:
+            state[model_key] = state[model_key].clone()
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the unfused q/k/v tensors are freed as each layer is fused
     if fuse_qkv:

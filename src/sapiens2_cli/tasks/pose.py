@@ -24,6 +24,13 @@ Output ``OUT/pose/<rel>.json``::
 in image pixels (the centre of the top-left pixel is ``(0, 0)``); ``null`` marks a point the
 format has no source for (its score is 0). Scores are the flip-averaged heatmap maxima, never
 thresholded. Names, sources, skeleton and colours are in ``OUT/pose/keypoints.json``.
+
+A video gives one file, ``OUT/pose/<video rel>.jsonl``, with one line per frame in frame order::
+
+    {"index": I, "time": SECONDS, "instances": [...]}
+
+(``instances`` as above; the model and keypoint format are those of ``run.json`` and
+``keypoints.json``); ``--vis`` encodes the overlays as ``OUT/vis/pose/<video rel>.mp4``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,16 @@ import torch
 
 from sapiens2_cli.plan import PlanError, PredictOptions
 from sapiens2_cli.sources import Item
-from sapiens2_cli.tasks.base import VIS_FILE, FileSpec, ModelInput, OutputFormat, Prediction, Raw, Task
+from sapiens2_cli.tasks.base import (
+    VIS_FILE,
+    VIS_VIDEO,
+    FileSpec,
+    ModelInput,
+    OutputFormat,
+    Prediction,
+    Raw,
+    Task,
+)
 from sapiens2_cli.tasks.bboxes import BoxFile, BoxFileError, load_bboxes, whole_image_box
 from sapiens2_cli.tasks.keypoint_formats import KeypointFormat, convert_keypoints, get_keypoint_format, goliath_names
 from sapiens2_cli.tasks.pose_decode import decode_heatmaps, flip_merge
@@ -50,6 +66,7 @@ from sapiens2_cli.writers import FileData
 FORMAT_VERSION = 1
 KEYPOINTS_FILE = "keypoints.json"
 JSON_FILE = FileSpec(".json", "json")
+JSONL_FILE = FileSpec(".jsonl", "jsonl", stream=True)  # a video's records, one line per frame
 #: Score of a whole-image box: no detector or file found anybody (``models.detector.FALLBACK_SCORE``).
 WHOLE_IMAGE_SCORE = 0.0
 
@@ -138,6 +155,17 @@ class PoseTask(Task):
 
     def files(self, fmt: OutputFormat, vis: bool) -> list[FileSpec]:
         return [JSON_FILE, VIS_FILE] if vis else [JSON_FILE]
+
+    def video_files(self, fmt: OutputFormat, vis: bool) -> list[FileSpec]:
+        return [JSONL_FILE, VIS_VIDEO] if vis else [JSONL_FILE]
+
+    def frame_outputs(self, files: dict[FileSpec, FileData], item: Item) -> dict[FileSpec, FileData]:
+        """The frame's line of the video's ``.jsonl`` (and its overlay for the ``.mp4``)."""
+        line = {"index": item.frame, "time": item.time, "instances": files[JSON_FILE].data["instances"]}
+        out = {JSONL_FILE: FileData("json", line)}
+        if VIS_FILE in files:
+            out[VIS_VIDEO] = files[VIS_FILE]
+        return out
 
     def run_files(self) -> dict[str, FileData]:
         return {KEYPOINTS_FILE: FileData("json", keypoint_table(self.format, self.style))}
