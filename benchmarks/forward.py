@@ -16,6 +16,9 @@ Implementations (``--impl``):
   ours-legacy    the attention path before these optimisations (benchmarks/legacy.py)
   hf             transformers Sapiens2Model / Sapiens2For* with SDPA attention
   hf-compiled    ... under plain torch.compile (static shapes)
+  ours-rope32, ours-compiled-rope32
+                 ours-fused / ours-compiled with RoPE in the activations' dtype, as transformers
+                 does in float32 (timing only: what the official bf16 RoPE costs; outputs move)
 
 Dtypes (``--dtype``): fp32; bf16 / fp16 (weights and activations, ``load_model(dtype=...)``;
 RoPE stays bf16 arithmetic); autocast (fp32 weights, ``torch.autocast`` to bf16).
@@ -50,7 +53,8 @@ from harness import (  # noqa: E402
     sync,
 )
 
-IMPLS = ("ours", "ours-fused", "ours-compiled", "ours-legacy", "hf", "hf-compiled")
+IMPLS = ("ours", "ours-fused", "ours-compiled", "ours-legacy", "hf", "hf-compiled", "ours-rope32",
+         "ours-compiled-rope32")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "autocast": torch.float32}
 COMPUTE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "autocast": "bf16"}  # matmul dtype
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -90,6 +94,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- implementations
+
+
+def _with_rope32(inner: Runner) -> Runner:
+    from legacy import rope_in_model_dtype
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with rope_in_model_dtype():
+            return inner(x)
+
+    return run
 
 
 class Models:
@@ -138,14 +152,18 @@ class Models:
                 with legacy_attention():
                     return model(x)
 
-        elif impl == "ours-compiled":
+        elif impl in ("ours-compiled", "ours-compiled-rope32"):
             model = self.ours(dtype, fused=True)
-            key = ("compiled", dtype)
+            key = (impl, dtype)
             if key not in self.cache:
                 from sapiens2_cli.models.compiled import compile_model
 
                 self.cache[key] = compile_model(model, mode=self.compile_mode)
             run = self.cache[key]
+            if impl.endswith("-rope32"):
+                run = _with_rope32(run)
+        elif impl == "ours-rope32":
+            run = _with_rope32(self.ours(dtype, fused=True))
         else:
             run = self.ours(dtype, fused=impl == "ours-fused")
         if dtype_name == "autocast":
@@ -231,7 +249,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with torch.inference_mode():
             for impl, dtype_name in combos:  # warm-up, compile, and output check
                 run = models.runner(impl, dtype_name)
-                compiled = impl.endswith("-compiled")
+                compiled = "-compiled" in impl
                 for i in range(max(args.warmup, 1 if compiled else 0)):
                     sync(device)
                     t0 = time.perf_counter()

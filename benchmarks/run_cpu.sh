@@ -80,9 +80,30 @@ rest() {
   run benchmarks/parity_drift.py --fixtures "${SAPIENS2_FIXTURES:-../shared/fixtures}"
 }
 
+# memory and parity drift again, after the loading fix (a converting load kept the file mapped)
+# and with the weights made resident before measuring; parity drift with one compilation per case
+memory() {
+  for part in backbone task; do
+    run benchmarks/memory.py --threads 1 --size 0.4b --part $part --impl ours-fused,hf --dtype fp32,bf16 --out $OUT
+  done
+  run benchmarks/memory.py --threads 1 --size 0.1b --part task --impl ours-fused,hf --dtype fp32,bf16 --out $OUT
+  run benchmarks/parity_drift.py --fixtures "${SAPIENS2_FIXTURES:-../shared/fixtures}"
+}
+
+# what the official bf16 RoPE costs a float32 forward (transformers skips it), then the real
+# run against forward-only on photos at the released input size and on an H.264 video
+e2e() {
+  run $F --threads 1 --no-peak --size 0.1b --part backbone --impl ours-fused,ours-rope32,hf --dtype fp32 --iters 2
+  run $F --threads 1 --no-peak --size 0.1b --part backbone --impl ours-compiled,ours-compiled-rope32,hf-compiled --dtype fp32 --iters 2
+  run benchmarks/predict_overhead.py --task seg --arch 0.1b --input-size 1024x768 --images 4 --batch-size 1 --rounds 2
+  run benchmarks/predict_overhead.py --task seg --arch 0.1b --input-size 512x384 --video 12 --image-size 1280x720 --batch-size 2 --rounds 2
+}
+
 case "${1:-}" in
   two-threads) two_threads ;;
   one-thread) one_thread ;;
   rest) rest ;;
-  *) echo "usage: $0 two-threads|one-thread|rest" >&2; exit 2 ;;
+  memory) memory ;;
+  e2e) e2e ;;
+  *) echo "usage: $0 two-threads|one-thread|rest|memory|e2e" >&2; exit 2 ;;
 esac
