@@ -97,6 +97,8 @@ e2e() {
   run $F --threads 1 --no-peak --size 0.1b --part backbone --impl ours-compiled,ours-compiled-rope32,hf-compiled --dtype fp32 --iters 2
   run benchmarks/predict_overhead.py --task seg --arch 0.1b --input-size 1024x768 --images 4 --batch-size 1 --rounds 2
   run benchmarks/predict_overhead.py --task seg --arch 0.1b --input-size 512x384 --video 12 --image-size 1280x720 --batch-size 2 --rounds 2
+  # the small model (384 wide, 12 layers) at 384x288: a pipeline stress test on video
+  run benchmarks/predict_overhead.py --task seg --video 48 --image-size 1280x720 --rounds 3
 }
 
 case "${1:-}" in
