@@ -15,9 +15,13 @@ Implementations (``--impl``):
                  shapes; compile time reported separately)
   ours-legacy    the attention path before these optimisations (benchmarks/legacy.py)
   hf             transformers Sapiens2Model / Sapiens2For* with SDPA attention
+  hf-compiled    ... under plain torch.compile (static shapes)
+  ours-rope32, ours-compiled-rope32
+                 ours-fused / ours-compiled with RoPE in the activations' dtype, as transformers
+                 does in float32 (timing only: what the official bf16 RoPE costs; outputs move)
 
-Dtypes (``--dtype``): fp32; bf16 (weights and activations, ``load_model(dtype=bfloat16)``);
-autocast (fp32 weights, ``torch.autocast`` to bf16).
+Dtypes (``--dtype``): fp32; bf16 / fp16 (weights and activations, ``load_model(dtype=...)``;
+RoPE stays bf16 arithmetic); autocast (fp32 weights, ``torch.autocast`` to bf16).
 
 On a GPU pass ``--device cuda --batch 1,2,4,8,16,32``: the same code adds the allocator's peak
 memory and achieved TFLOP/s against a measured bf16 / fp32 matmul peak.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -48,8 +53,10 @@ from harness import (  # noqa: E402
     sync,
 )
 
-IMPLS = ("ours", "ours-fused", "ours-compiled", "ours-legacy", "hf")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast": torch.float32}
+IMPLS = ("ours", "ours-fused", "ours-compiled", "ours-legacy", "hf", "hf-compiled", "ours-rope32",
+         "ours-compiled-rope32")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "autocast": torch.float32}
+COMPUTE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "autocast": "bf16"}  # matmul dtype
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -89,6 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- implementations
 
 
+def _with_rope32(inner: Runner) -> Runner:
+    from legacy import rope_in_model_dtype
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with rope_in_model_dtype():
+            return inner(x)
+
+    return run
+
+
 class Models:
     """Loads each (dtype, fused) model once; transformers' models share our tensors."""
 
@@ -116,10 +133,15 @@ class Models:
 
     def runner(self, impl: str, dtype_name: str) -> Runner:
         dtype = DTYPES[dtype_name]
-        if impl == "hf":
+        if impl in ("hf", "hf-compiled"):
             from hf_port import hf_forward
 
             model = self.hf(dtype)
+            if impl == "hf-compiled":
+                key = ("hf-compiled", dtype)
+                if key not in self.cache:
+                    self.cache[key] = torch.compile(model, dynamic=False, mode=self.compile_mode)
+                model = self.cache[key]
             run: Runner = lambda x: hf_forward(model, x)  # noqa: E731
         elif impl == "ours-legacy":
             from legacy import legacy_attention
@@ -130,14 +152,18 @@ class Models:
                 with legacy_attention():
                     return model(x)
 
-        elif impl == "ours-compiled":
+        elif impl in ("ours-compiled", "ours-compiled-rope32"):
             model = self.ours(dtype, fused=True)
-            key = ("compiled", dtype)
+            key = (impl, dtype)
             if key not in self.cache:
                 from sapiens2_cli.models.compiled import compile_model
 
                 self.cache[key] = compile_model(model, mode=self.compile_mode)
             run = self.cache[key]
+            if impl.endswith("-rope32"):
+                run = _with_rope32(run)
+        elif impl == "ours-rope32":
+            run = _with_rope32(self.ours(dtype, fused=True))
         else:
             run = self.ours(dtype, fused=impl == "ours-fused")
         if dtype_name == "autocast":
@@ -200,9 +226,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     peaks: dict[str, float] = {}
     if not args.no_peak:
         for dtype_name in args.dtype:
-            compute = "fp32" if dtype_name == "fp32" else "bf16"
+            compute = COMPUTE[dtype_name]
             if compute not in peaks:
-                peaks[compute] = matmul_peak(device, torch.float32 if compute == "fp32" else torch.bfloat16)
+                peaks[compute] = matmul_peak(device, DTYPES[compute])
                 print(f"# measured {compute} matmul peak: {peaks[compute] / 1e12:.3f} TFLOP/s")
 
     from sapiens2_cli.models.sapiens2 import Sapiens2Model
@@ -223,12 +249,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with torch.inference_mode():
             for impl, dtype_name in combos:  # warm-up, compile, and output check
                 run = models.runner(impl, dtype_name)
-                for i in range(max(args.warmup, 1 if impl == "ours-compiled" else 0)):
+                compiled = "-compiled" in impl
+                for i in range(max(args.warmup, 1 if compiled else 0)):
                     sync(device)
                     t0 = time.perf_counter()
                     out = first_tensor(run(inputs[dtype_name]))
                     sync(device)
-                    if i == 0 and impl == "ours-compiled":
+                    if i == 0 and compiled:
                         compile_s[impl, dtype_name] = time.perf_counter() - t0
                     if i == 0 and not args.no_check:
                         if reference is None:
@@ -241,7 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     run = models.runner(impl, dtype_name)
                     timings[impl, dtype_name].add(lambda: run(inputs[dtype_name]), device)
         for (impl, dtype_name), t in timings.items():
-            compute = "fp32" if dtype_name == "fp32" else "bf16"
+            compute = COMPUTE[dtype_name]
             achieved = flops_per_image * batch / t.median
             rec = {
                 "size": args.size, "part": args.part, "task": task, "impl": impl, "dtype": dtype_name,
@@ -264,20 +291,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def print_table(records: list[dict]) -> None:
-    print("| impl | dtype | batch | median s | min s | img/s | peak MiB | TFLOP/s | % of matmul peak | max rel diff |")
+    """Markdown rows: wall-clock throughput, CPU seconds per image, memory, FLOP rate, check."""
+    print("| impl | dtype | batch | s/batch (median of n) | img/s | CPU s/img | peak MiB | TFLOP/s | % of matmul peak | max rel diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         frac = 100 * r["achieved_tflops"] / r["peak_tflops"] if r["peak_tflops"] == r["peak_tflops"] else float("nan")
         diff = r.get("check_max_rel")
+        cpu = statistics.median(r["cpu_s"]) / r["batch"]
         print(
-            f"| {r['impl']} | {r['dtype']} | {r['batch']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
-            f"{r['images_per_s']:.3f} | {r['peak_mib']:.0f} | {r['achieved_tflops']:.3f} | {frac:.0f} | "
-            f"{'' if diff is None else f'{diff:.1e}'} |"
+            f"| {r['impl']} | {r['dtype']} | {r['batch']} | {r['median_s']:.2f} ({len(r['wall_s'])}) | "
+            f"{r['images_per_s']:.3f} | {cpu:.2f} | {r['peak_mib']:.0f} | {r['achieved_tflops']:.3f} | "
+            f"{frac:.0f} | {'' if diff is None else f'{diff:.1e}'} |"
         )
         if r.get("compile_s") is not None:
             print(f"|   (compile + first call {r['compile_s']:.1f} s) | | | | | | | | | |")
     sys.stdout.flush()
-
 
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):

@@ -53,3 +53,23 @@ def legacy_attention() -> Iterator[None]:
         yield
     finally:
         GroupedQueryAttention.forward, backbone_module.with_prefix = saved
+
+
+def _rope_in_model_dtype(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Sapiens2 applies it in float32: in the activations' dtype, no bf16 casts."""
+    sin, cos = sin.to(x.dtype), cos.to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+@contextlib.contextmanager
+def rope_in_model_dtype() -> Iterator[None]:
+    """For timing only: what the official bf16 RoPE costs a float32 forward (outputs move ~1e-3)."""
+    import sapiens2_cli.models.attention as attention_module
+
+    saved = attention_module.apply_rope
+    attention_module.apply_rope = _rope_in_model_dtype
+    try:
+        yield
+    finally:
+        attention_module.apply_rope = saved

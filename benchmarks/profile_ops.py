@@ -72,9 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", type=Path, default=Path("/tmp/sapiens2-bench"))
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from sapiens2_cli import load_model
 
     ckpt = random_checkpoint(args.task, args.size, args.cache)
