@@ -16,15 +16,20 @@ from conftest import REPO
 TINY = ["--size", "tiny", "--height", "64", "--width", "48", "--iters", "1", "--no-peak"]
 
 
-def _forward_module():
+def _bench_module(name: str):
+    """benchmarks/<name>.py imported as a module (the folder is on sys.path while it loads)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("bench_forward", REPO / "benchmarks" / "forward.py")
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+
+
+def _forward_module():
+    return _bench_module("forward")
 
 
 def test_our_variants_agree_and_every_batch_is_timed(tmp_path):
@@ -56,26 +61,13 @@ def test_transformers_matches_once_rope_is_the_official_one(tmp_path):
 def test_pipeline_overhead_runs_on_photos_and_on_a_video(tmp_path):
     """predict_overhead.py times the real run on a folder of photos and on an H.264 video, every
     picture processed once per round."""
-    spec = importlib.util.spec_from_file_location("bench_overhead", REPO / "benchmarks" / "predict_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("predict_overhead")
     common = ["--task", "seg", "--input-size", "64x48", "--image-size", "160x120", "--rounds", "1"]
     for source in (["--images", "3"], ["--video", "5", "--fps", "25"]):
         result = module.main([*common, *source])
         assert result["forward_only_images_per_second"] > 0 and result["end_to_end_images_per_second"] > 0
         assert result["end_to_end_stage_seconds"]["forward"] > 0
     assert result["config"]["video"] == 5
-
-
-def _bench_module(name: str):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
 
 
 def test_rope_in_float32_is_a_timing_variant_that_moves_the_outputs(tmp_path):
