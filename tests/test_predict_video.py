@@ -105,6 +105,25 @@ def test_resume_skips_written_frames(clip, tmp_path, tiny_models):
     assert run_json(out)["counts"] == {"total": 12, "ok": 0, "skipped": 12, "failed": 0}
 
 
+def test_run_json_times_the_video_decoding(clip, tmp_path, tiny_models, monkeypatch):
+    """Frames are decoded on the video's own thread; that time is the run's ``decode`` stage."""
+    import sapiens2_cli.frames as frames_module
+
+    real = frames_module.iter_frames
+
+    def slow(*args, **kwargs):
+        for frame in real(*args, **kwargs):  # the frames --stride keeps
+            time.sleep(0.05)  # 50 ms more decoding each
+            yield frame
+
+    monkeypatch.setattr(frames_module, "iter_frames", slow)
+    out = tmp_path / "out"
+    assert predict(clip, "-o", out, "--checkpoint", tiny_models["seg"], "--stride", 3, "-q").exit_code == 0
+    run = run_json(out)
+    assert run["counts"]["ok"] == 4  # frames 0, 3, 6, 9
+    assert run["timings_s"]["decode"] >= 4 * 0.05
+
+
 def test_killed_run_leaves_no_overlay_video_and_resumes(tmp_path, tiny_models):
     video = make_video(tmp_path / "long.mp4", frames=60, audio=True)
     out = tmp_path / "out"

@@ -123,8 +123,9 @@ class Runner:
     def load(self, job: Work | frames.Event) -> Loaded | frames.Event:
         """Read, decode and pre-process one image or decoded frame (runs on a reader thread);
         the other video events pass through."""
+        decoded_s = 0.0
         if isinstance(job, frames.FrameJob):
-            work, pts, image = job.work, job.pts, job.image
+            work, pts, image, decoded_s = job.work, job.pts, job.image, job.decode_s
         elif isinstance(job, Work):
             work, pts, image = job, None, None
         else:
@@ -137,7 +138,7 @@ class Runner:
             loaded.error = str(err)
             return loaded
         finally:
-            loaded.decode_s = time.perf_counter() - t0
+            loaded.decode_s = decoded_s + time.perf_counter() - t0  # a frame was decoded on the video's thread
         t1 = time.perf_counter()
         for name in work.tasks:
             try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +52,7 @@ class FrameJob:
     work: Work
     image: np.ndarray  # [H, W, 3] uint8 BGR, rotation applied
     pts: int | None  # presentation timestamp in the source's time base
+    decode_s: float = 0.0  # demuxing and decoding since the previous frame (frames left out included)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +153,14 @@ def _video(w: Work, options: FrameOptions) -> Iterator[Event]:
         if options.specs[t][1] and (options.overwrite or not all(s.path(out, t, item).exists() for s in options.specs[t][1]))
     )  # fmt: skip
     yield VideoStart(item, info, w.tasks, streams, _estimate(info, options))
+    decoded = iter_frames(item.path, stride=options.stride, start=options.start, end=options.end)
     try:
-        for frame in iter_frames(item.path, stride=options.stride, start=options.start, end=options.end):
+        while True:
+            t0 = time.perf_counter()
+            frame = next(decoded, None)
+            spent = time.perf_counter() - t0
+            if frame is None:
+                break
             if isinstance(frame, FrameError):
                 yield FrameFailed(item.at_frame(frame.index, frame.time or 0.0), w.tasks, frame.reason)
                 continue
@@ -161,7 +169,7 @@ def _video(w: Work, options: FrameOptions) -> Iterator[Event]:
                 t for t in w.tasks
                 if t in streams or options.overwrite or not all(s.path(out, t, at).exists() for s in options.specs[t][0])
             )  # fmt: skip
-            yield FrameJob(Work(at, todo), frame.image, frame.pts) if todo else FrameSkipped(at)
+            yield FrameJob(Work(at, todo), frame.image, frame.pts, spent) if todo else FrameSkipped(at)
     except (VideoError, OSError, av.error.FFmpegError) as err:
         yield VideoEnd(item, f"decoding stopped ({err})")
         return
