@@ -7,6 +7,8 @@ Parsing, choices and exit codes only; the work is in ``sapiens2_cli.train`` and
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -22,6 +24,49 @@ def _exit(message: str, code: int) -> None:
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _train(
+    *,
+    recipe: str | None,
+    output: str | None,
+    resume: bool,
+    dry_run: bool,
+    recipe_hint: str,
+    resolve: Callable[[str], Any],
+    run: Callable[[Any], None],
+) -> None:
+    """What finetune and pretrain share: the recipe of a resumed run folder, usage checks, the
+    resolved config (printed by --dry-run), then ``run(cfg)`` with its errors as exit codes."""
+    import os
+    from pathlib import Path
+
+    from sapiens2_cli.hub import HubError
+    from sapiens2_cli.train.config import ConfigError, to_yaml
+    from sapiens2_cli.train.files import DataError
+    from sapiens2_cli.train.run_folder import RunError
+    from sapiens2_cli.weights import CheckpointError
+
+    if recipe is None and resume and output and (Path(output) / "config.yaml").is_file():
+        recipe = str(Path(output) / "config.yaml")
+    if recipe is None:
+        _exit(f"--recipe is required ({recipe_hint})", EXIT_USAGE)
+    if output is None and not dry_run:
+        _exit("-o/--output is required: the run folder", EXIT_USAGE)
+    try:
+        cfg = resolve(recipe)
+    except ConfigError as err:
+        _exit(str(err), EXIT_USAGE)
+    if dry_run:
+        if os.environ.get("RANK", "0") == "0":
+            click.echo(to_yaml(cfg), nl=False)
+        return
+    try:
+        run(cfg)
+    except (ConfigError, RunError) as err:
+        _exit(str(err), EXIT_USAGE)
+    except (DataError, CheckpointError, HubError) as err:
+        _exit(str(err), EXIT_FAILED)
 
 
 @click.command("finetune")
@@ -54,40 +99,14 @@ def finetune_cmd(
 
     Several GPUs or nodes: torchrun --nproc-per-node 8 -m sapiens2_cli finetune ...
     """
-    import os
-    from pathlib import Path
+    from sapiens2_cli.train.finetune import finetune, resolve_run_config
 
-    from sapiens2_cli.train.config import ConfigError
-
-    if recipe is None and resume and output and (Path(output) / "config.yaml").is_file():
-        recipe = str(Path(output) / "config.yaml")
-    if recipe is None:
-        _exit("--recipe is required (a <task>/<size> name or a .yaml file)", EXIT_USAGE)
-    if output is None and not dry_run:
-        _exit("-o/--output is required: the run folder", EXIT_USAGE)
-    from sapiens2_cli.train.finetune import resolve_run_config
-
-    try:
-        cfg = resolve_run_config(recipe, overrides, data=data, val_data=val_data)
-    except ConfigError as err:
-        _exit(str(err), EXIT_USAGE)
-    if dry_run:
-        from sapiens2_cli.train.config import to_yaml
-
-        if os.environ.get("RANK", "0") == "0":
-            click.echo(to_yaml(cfg), nl=False)
-        return
-    from sapiens2_cli.hub import HubError
-    from sapiens2_cli.train.datasets import DataError
-    from sapiens2_cli.train.finetune import RunError, finetune
-    from sapiens2_cli.weights import CheckpointError
-
-    try:
-        finetune(cfg, output, resume=resume, stop_at=stop_at)
-    except (ConfigError, RunError) as err:
-        _exit(str(err), EXIT_USAGE)
-    except (DataError, CheckpointError, HubError) as err:
-        _exit(str(err), EXIT_FAILED)
+    _train(
+        recipe=recipe, output=output, resume=resume, dry_run=dry_run,
+        recipe_hint="a <task>/<size> name or a .yaml file",
+        resolve=lambda r: resolve_run_config(r, overrides, data=data, val_data=val_data),
+        run=lambda cfg: finetune(cfg, output, resume=resume, stop_at=stop_at),
+    )  # fmt: skip
 
 
 @click.command("pretrain")
@@ -120,41 +139,14 @@ def pretrain_cmd(
 
     Several GPUs or nodes: torchrun --nproc-per-node 8 -m sapiens2_cli pretrain ...
     """
-    import os
-    from pathlib import Path
+    from sapiens2_cli.pretrain.run import pretrain, resolve_pretrain_config
 
-    from sapiens2_cli.train.config import ConfigError
-
-    if recipe is None and resume and output and (Path(output) / "config.yaml").is_file():
-        recipe = str(Path(output) / "config.yaml")
-    if recipe is None:
-        _exit("--recipe is required (tiny, a size such as 1b, or a .yaml file)", EXIT_USAGE)
-    if output is None and not dry_run:
-        _exit("-o/--output is required: the run folder", EXIT_USAGE)
-    from sapiens2_cli.pretrain.run import resolve_pretrain_config
-
-    try:
-        cfg = resolve_pretrain_config(recipe, overrides, data=data)
-    except ConfigError as err:
-        _exit(str(err), EXIT_USAGE)
-    if dry_run:
-        from sapiens2_cli.train.config import to_yaml
-
-        if os.environ.get("RANK", "0") == "0":
-            click.echo(to_yaml(cfg), nl=False)
-        return
-    from sapiens2_cli.hub import HubError
-    from sapiens2_cli.pretrain.run import pretrain
-    from sapiens2_cli.train.files import DataError
-    from sapiens2_cli.train.run_folder import RunError
-    from sapiens2_cli.weights import CheckpointError
-
-    try:
-        pretrain(cfg, output, resume=resume, stop_at=stop_at)
-    except (ConfigError, RunError) as err:
-        _exit(str(err), EXIT_USAGE)
-    except (DataError, CheckpointError, HubError) as err:
-        _exit(str(err), EXIT_FAILED)
+    _train(
+        recipe=recipe, output=output, resume=resume, dry_run=dry_run,
+        recipe_hint="tiny, a size such as 1b, or a .yaml file",
+        resolve=lambda r: resolve_pretrain_config(r, overrides, data=data),
+        run=lambda cfg: pretrain(cfg, output, resume=resume, stop_at=stop_at),
+    )  # fmt: skip
 
 
 @click.command("evaluate")
