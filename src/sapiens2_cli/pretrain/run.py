@@ -229,15 +229,7 @@ def _pretrain(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at
         inner.update_teacher(inner.momentum(step_ - 1))
         inner.update_center()
 
-    settings = LoopSettings(
-        iterations=cfg.train.iterations,
-        grad_accum=cfg.train.grad_accum,
-        clip_grad=cfg.train.clip_grad,
-        precision=cfg.train.precision,
-        log_interval=cfg.train.log_interval,
-        checkpoint_interval=cfg.checkpoint.interval,
-        keep=cfg.checkpoint.keep,
-    )
+    settings = LoopSettings.of(cfg)
     trainer = Trainer(
         wrapped,
         optimizer,

@@ -240,16 +240,7 @@ def _finetune(
     def on_best(step_: int, metrics: dict[str, Any]) -> None:
         export_weights(wrapped, cfg, labels, run_dir / "best.safetensors", env, step=step_)
 
-    settings = LoopSettings(
-        iterations=cfg.train.iterations,
-        grad_accum=cfg.train.grad_accum,
-        clip_grad=cfg.train.clip_grad,
-        precision=cfg.train.precision,
-        log_interval=cfg.train.log_interval,
-        eval_interval=cfg.eval.interval,
-        checkpoint_interval=cfg.checkpoint.interval,
-        keep=cfg.checkpoint.keep,
-    )
+    settings = LoopSettings.of(cfg, eval_interval=cfg.eval.interval)
     trainer = Trainer(
         wrapped,
         optimizer,

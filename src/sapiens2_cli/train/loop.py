@@ -79,6 +79,20 @@ class LoopSettings:
     checkpoint_interval: int = 1000
     keep: int | None = None  # newest periodic checkpoints kept; None = all
 
+    @classmethod
+    def of(cls, cfg: Any, *, eval_interval: int = 0) -> LoopSettings:
+        """The settings of a run config's ``train`` and ``checkpoint`` sections."""
+        return cls(
+            iterations=cfg.train.iterations,
+            grad_accum=cfg.train.grad_accum,
+            clip_grad=cfg.train.clip_grad,
+            precision=cfg.train.precision,
+            log_interval=cfg.train.log_interval,
+            eval_interval=eval_interval,
+            checkpoint_interval=cfg.checkpoint.interval,
+            keep=cfg.checkpoint.keep,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class BestMetric:
