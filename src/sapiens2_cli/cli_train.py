@@ -26,6 +26,26 @@ def _exit(message: str, code: int) -> None:
     sys.exit(code)
 
 
+_RUN_FOLDER_OPTIONS = (
+    click.option("-o", "--output", help="Run folder (config, metrics, checkpoints, weights)."),
+    click.option("--resume", is_flag=True, help="Continue the run in the output folder if any."),
+    click.option("--dry-run", is_flag=True, help="Validate and print the resolved config only."),
+    click.option(
+        "--stop-at",
+        type=click.IntRange(min=1),
+        help="Stop after this step with a checkpoint (time-limited jobs); continue with --resume.",
+    ),
+    click.argument("overrides", nargs=-1),
+)
+
+
+def _run_folder_options(command: Callable) -> Callable:
+    """The options finetune and pretrain share, in this order after their own."""
+    for decorate in reversed(_RUN_FOLDER_OPTIONS):
+        command = decorate(command)
+    return command
+
+
 def _train(
     *,
     recipe: str | None,
@@ -76,15 +96,7 @@ def _train(
 )
 @click.option("--data", multiple=True, help="Training folder (repeatable); sets data.train.")
 @click.option("--val-data", multiple=True, help="Validation folder (repeatable); sets data.val.")
-@click.option("-o", "--output", help="Run folder (config, metrics, checkpoints, weights).")
-@click.option("--resume", is_flag=True, help="Continue the run in the output folder if any.")
-@click.option("--dry-run", is_flag=True, help="Validate and print the resolved config only.")
-@click.option(
-    "--stop-at",
-    type=click.IntRange(min=1),
-    help="Stop after this step with a checkpoint (time-limited jobs); continue with --resume.",
-)
-@click.argument("overrides", nargs=-1)
+@_run_folder_options
 def finetune_cmd(
     recipe: str | None,
     data: tuple[str, ...],
@@ -115,15 +127,7 @@ def finetune_cmd(
     help="Recipe: tiny, a size (0.1b, 0.4b, 0.8b, 1b, 5b, 1b-4k) or a .yaml file.",
 )
 @click.option("--data", help="Folder of images or WebDataset .tar shards; sets data.train.")
-@click.option("-o", "--output", help="Run folder (config, metrics, checkpoints, weights).")
-@click.option("--resume", is_flag=True, help="Continue the run in the output folder if any.")
-@click.option("--dry-run", is_flag=True, help="Validate and print the resolved config only.")
-@click.option(
-    "--stop-at",
-    type=click.IntRange(min=1),
-    help="Stop after this step with a checkpoint (time-limited jobs); continue with --resume.",
-)
-@click.argument("overrides", nargs=-1)
+@_run_folder_options
 def pretrain_cmd(
     recipe: str | None,
     data: str | None,
