@@ -81,3 +81,14 @@ def test_evaluate_rejects_a_label_set_the_model_does_not_predict(tmp_path):
         main, ["evaluate", str(model), "-t", "seg", "--data", str(data), "--input-size", "64"]
     )
     assert bad.exit_code == 2 and "--input-size must look like 1024x768" in bad.output
+
+
+def test_input_size_must_tile_the_backbone_cells():
+    """The 4K backbone pools 4x4 patches into one token: its inputs are multiples of 64 px."""
+    args = ["finetune", "--recipe", "seg/tiny", "model.size=1b-4k", "--dry-run"]
+    bad = CliRunner().invoke(main, [*args, "model.input_size=[1040, 768]"])
+    assert bad.exit_code == 2
+    assert "error: model.input_size [1040, 768] must be multiples of the 64-px cell of the 1b-4k backbone" in bad.output
+    good = CliRunner().invoke(main, [*args, "model.input_size=[1024, 768]"])
+    assert good.exit_code == 0, good.output
+    assert yaml.safe_load(good.output)["model"]["input_size"] == [1024, 768]

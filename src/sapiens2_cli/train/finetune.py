@@ -87,7 +87,13 @@ def resolve_run_config(
     if changes:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
         validate(cfg)
-    run_head(cfg, run_arch(cfg.model), out_channels=1)
+    arch = run_arch(cfg.model)
+    if any(side % arch.stride for side in cfg.model.input_size):
+        raise ConfigError(
+            f"model.input_size {list(cfg.model.input_size)} must be multiples of the {arch.stride}-px cell of "
+            f"the {cfg.model.size} backbone"
+        )
+    run_head(cfg, arch, out_channels=1)
     return cfg
 
 
