@@ -77,3 +77,37 @@ def test_run_folder_is_protected(tmp_path):
     changed = _cli(*common, "--resume", "train.iterations=8", "schedule.warmup_iters=2")
     assert changed.exit_code == 2
     assert "train.iterations: 6 -> 8" in changed.output
+
+
+def test_sigterm_checkpoints_the_step_in_progress_and_resumes_exactly(tmp_path, monkeypatch):
+    """A scheduler's SIGTERM during step 14 ends the run after that step with a checkpoint and
+    exit code 143; --resume then finishes it exactly as an uninterrupted run."""
+    import os
+    import signal
+
+    from sapiens2_cli.train.loop import Trainer
+
+    data = seg_learnable(tmp_path / "data")
+    full = tiny_run(tmp_path / "full", "seg", overrides=OVERRIDES, data=data)
+    step = Trainer._optimizer_step
+
+    def step_and_signal(self, stream):
+        step(self, stream)
+        if self.step == 13:  # the step being taken is the 14th
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_and_signal)
+    part = tmp_path / "part"
+    args = ["finetune", "--recipe", "seg/tiny", "--data", str(data), "--val-data", str(data), "-o", str(part)]
+    stopped = _cli(*args, *OVERRIDES)
+    assert stopped.exit_code == 128 + signal.SIGTERM, stopped.output
+    assert "stopped by SIGTERM after step 14 (checkpoint written); continue with --resume" in stopped.output
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step_00000010.pt", "step_00000014.pt"]
+    assert not (part / "final.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step)
+    resumed = _cli("finetune", "-o", str(part), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert read_metrics(part) == read_metrics(full)
+    _same_tensors(part / "final.safetensors", full / "final.safetensors")

@@ -54,10 +54,11 @@ def _train(
     dry_run: bool,
     recipe_hint: str,
     resolve: Callable[[str], Any],
-    run: Callable[[Any], None],
+    run: Callable[[Any], Any],
 ) -> None:
     """What finetune and pretrain share: the recipe of a resumed run folder, usage checks, the
-    resolved config (printed by --dry-run), then ``run(cfg)`` with its errors as exit codes."""
+    resolved config (printed by --dry-run), then ``run(cfg)`` (a ``FitResult``) with its errors
+    as exit codes; a run stopped by a signal exits 128 + the signal's number."""
     import os
     from pathlib import Path
 
@@ -82,11 +83,19 @@ def _train(
             click.echo(to_yaml(cfg), nl=False)
         return
     try:
-        run(cfg)
+        result = run(cfg)
     except (ConfigError, RunError) as err:
         _exit(str(err), EXIT_USAGE)
     except (DataError, CheckpointError, HubError) as err:
         _exit(str(err), EXIT_FAILED)
+    if result.stopped_by:  # SIGTERM / SIGINT: a checkpoint of the last step was written
+        import signal
+
+        if os.environ.get("RANK", "0") == "0":
+            name = signal.Signals(result.stopped_by).name
+            click.echo(f"stopped by {name} after step {result.step} (checkpoint written); continue with --resume",
+                       err=True)  # fmt: skip
+        sys.exit(128 + result.stopped_by)
 
 
 @click.command("finetune")

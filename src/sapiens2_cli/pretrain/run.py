@@ -253,7 +253,7 @@ def _pretrain(cfg: Config, run_dir: Path, env: DistEnv, *, resume: bool, stop_at
             log.info("wrote %s (teacher backbone)", final)
         barrier(env)
     else:
-        log.info("stopped at step %d; continue with --resume", result.step)
+        log.info("stopped after step %d (checkpoint written); continue with --resume", result.step)
     return result
 
 

@@ -266,7 +266,7 @@ def _finetune(
         export_weights(wrapped, cfg, labels, final, env, step=result.step)
         log.info("wrote %s", final)
     else:
-        log.info("stopped at step %d; continue with --resume", result.step)
+        log.info("stopped after step %d (checkpoint written); continue with --resume", result.step)
     return result
 
 

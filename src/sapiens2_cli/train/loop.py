@@ -31,6 +31,11 @@ Order within an optimizer step: micro-batches (gradient all-reduce only on the l
 ``scheduler.step()``, ``after_step`` hooks, log line, validation, checkpoint. Resuming restores
 model, optimizer, scheduler, per-rank RNG states, the data position and the running log sums,
 so a resumed run continues the same loss curve (bit for bit on CPU).
+
+Stopping: SIGTERM (what schedulers send before they kill a job) or SIGINT ends the run after
+the optimizer step in progress, with a checkpoint; the ranks agree on the step (a flag summed
+over ranks after every step, next to the step's own synchronisation on the gradient norm), so
+``--resume`` continues exactly. A second signal stops at once, without a checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -115,6 +122,32 @@ class FitResult:
     finished: bool  # reached ``iterations``
     best: float | None
     best_step: int | None
+    stopped_by: int | None = None  # the signal that ended the run early (after a checkpoint)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While active, SIGTERM / SIGINT append their number to the yielded list instead of
+    ending the process; a second one raises ``KeyboardInterrupt``. Outside the main thread
+    (where handlers cannot be installed) the list stays empty."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_signal(signum: int, frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        log.warning("%s: stopping after this step with a checkpoint (again to stop at once)",
+                    signal.Signals(signum).name)  # fmt: skip
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -318,7 +351,10 @@ class Trainer:
         stream = self.batches(self.consumed)
         t0 = time.monotonic()
         self.model.train()
-        try:
+        stopped_by = None
+        with contextlib.ExitStack() as stack:
+            received = stack.enter_context(stop_signals())
+            stack.callback(progress.close)
             while self.step < end:
                 self._optimizer_step(stream)
                 self.step += 1
@@ -334,13 +370,24 @@ class Trainer:
                     last or (s.eval_interval > 0 and self.step % s.eval_interval == 0)
                 ):
                     self._validate(metrics_log, progress)
-                if self.step % s.checkpoint_interval == 0 or last or self.step == end:
+                stopped_by = self._agreed_stop(received)
+                if self.step % s.checkpoint_interval == 0 or last or self.step == end or stopped_by:
                     self._checkpoint()
-        finally:
-            progress.close()
+                if stopped_by:
+                    break
         return FitResult(
             step=self.step,
             finished=self.step >= s.iterations,
             best=self.best,
             best_step=self.best_step,
+            stopped_by=stopped_by,
         )
+
+    def _agreed_stop(self, received: list[int]) -> int | None:
+        """The signal that stops every rank after this step, if any rank received one."""
+        if not self.env.distributed:
+            return received[0] if received else None
+        flag = all_reduce_sum(torch.tensor([1.0 if received else 0.0]), self.env)
+        if flag.item() == 0:
+            return None
+        return received[0] if received else signal.SIGTERM
