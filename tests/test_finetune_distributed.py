@@ -83,3 +83,26 @@ def test_fsdp2_matches_one_process(tmp_path, reference):
     run = tmp_path / "fsdp"
     _torchrun(data, run, "train.distributed=fsdp")
     _close_to_single(run, single)
+
+
+def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path, reference):
+    """Rank 1 alone gets SIGTERM during step 3: both ranks stop after step 3 with one checkpoint
+    and exit 143; --resume finishes the run like an uninterrupted one."""
+    import subprocess
+
+    data, single = reference
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SAPIENS2_TEST_SIGTERM_STEP="3")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(Path(__file__).with_name("sigterm_one_rank.py")), "finetune", "--recipe", "seg/tiny", "--data", str(data),
+        "--val-data", str(data), "-o", str(run), *COMMON, "train.batch_size=1", "train.distributed=ddp",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0
+    assert "stopped by SIGTERM after step 3 (checkpoint written)" in done.stderr, done.stderr[-4000:]
+    assert "exitcode: 143" in done.stderr or "exitcode  : 143" in done.stderr, done.stderr[-4000:]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000003.pt"]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    _torchrun(data, run, "train.distributed=ddp", "--resume")
+    _close_to_single(run, single)
