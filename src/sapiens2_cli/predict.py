@@ -89,7 +89,12 @@ class Predictor:
         self.device = device
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.static_batch = batch_size if compile else None
-        self._forward = torch.compile(model, dynamic=False) if compile else model
+        if compile:
+            from sapiens2_cli.models.compiled import compile_model
+
+            self._forward = compile_model(model)  # keeps the official bf16 RoPE rounding
+        else:
+            self._forward = model
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> Raw:

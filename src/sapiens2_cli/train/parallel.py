@@ -74,8 +74,10 @@ def parallelize(
             units.append(model.decode_head)
     units = list(units)
     if compile:
+        from sapiens2_cli.models.compiled import KEEP_ROUNDING
+
         for unit in units:
-            unit.compile()
+            unit.compile(options=KEEP_ROUNDING)  # the forward rounds RoPE as the released model does
     if not env.distributed:
         return model.to(env.device)
     if mode == "ddp":
