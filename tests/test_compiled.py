@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -41,3 +42,16 @@ def test_predict_compile_keeps_the_official_rounding():
     eager = Predictor(model, TASKS["seg"], device=device)(pixels)
     compiled = Predictor(model, TASKS["seg"], device=device, compile=True)(pixels)
     torch.testing.assert_close(compiled, eager, atol=cfg["atol"], rtol=cfg["rtol"])
+
+
+def test_compiled_training_follows_the_eager_loss_curve(tmp_path):
+    """train.compile compiles each block and the head; the losses are those of eager training."""
+    from finetune_runs import read_metrics, seg_learnable, tiny_run
+
+    data = seg_learnable(tmp_path / "data")
+    common = ["train.iterations=3", "train.log_interval=1", "schedule.warmup_iters=1", "eval.interval=0"]
+    eager = read_metrics(tiny_run(tmp_path / "eager", "seg", data=data, overrides=common))
+    compiled = read_metrics(tiny_run(tmp_path / "compiled", "seg", data=data, overrides=[*common, "train.compile=true"]))
+    assert [r["step"] for r in compiled] == [1, 2, 3]
+    for a, b in zip(compiled, eager, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
