@@ -78,11 +78,24 @@ def test_ddp_matches_one_process_and_resumes_exactly(tmp_path, reference):
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_fsdp2_matches_one_process(tmp_path, reference):
+def test_fsdp2_matches_one_process_and_resumes_from_shards(tmp_path, reference):
+    """FSDP2 trains like one process; with checkpoint.sharded=true each rank writes its own
+    shards and a stopped run resumes from them exactly as from a full checkpoint."""
     data, single = reference
     run = tmp_path / "fsdp"
     _torchrun(data, run, "train.distributed=fsdp")
     _close_to_single(run, single)
+
+    part = tmp_path / "part"
+    _torchrun(data, part, "train.distributed=fsdp", "checkpoint.sharded=true", "--stop-at", "7")
+    (folder,) = [p for p in (part / "checkpoints").iterdir() if p.name == "step_00000007"]
+    shards = sorted(p.name for p in folder.iterdir() if p.suffix == ".distcp")
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # one file per rank
+    _torchrun(data, part, "train.distributed=fsdp", "checkpoint.sharded=true", "--resume")
+    assert read_metrics(part) == read_metrics(run)
+    assert read_metrics(part, "val") == read_metrics(run, "val")
+    x, y = load_file(part / "final.safetensors"), load_file(run / "final.safetensors")
+    assert all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path, reference):

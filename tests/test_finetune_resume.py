@@ -111,3 +111,19 @@ def test_sigterm_checkpoints_the_step_in_progress_and_resumes_exactly(tmp_path, 
     assert resumed.exit_code == 0, resumed.output
     assert read_metrics(part) == read_metrics(full)
     _same_tensors(part / "final.safetensors", full / "final.safetensors")
+
+
+def test_sharded_checkpoints_resume_exactly(tmp_path):
+    """checkpoint.sharded=true: one folder of shards per checkpoint (meta.pt beside them), kept
+    and pruned like files; a stopped run resumes from it bit for bit."""
+    data = seg_learnable(tmp_path / "data")
+    sharded = [*OVERRIDES, "checkpoint.sharded=true"]
+    full = tiny_run(tmp_path / "full", "seg", overrides=OVERRIDES, data=data)
+    part = tiny_run(tmp_path / "part", "seg", overrides=sharded, data=data, stop_at=14)
+    folders = sorted((part / "checkpoints").iterdir())
+    assert [p.name for p in folders] == ["step_00000010", "step_00000014"]
+    assert all((p / "meta.pt").is_file() and (p / ".metadata").is_file() for p in folders)
+    assert _cli("finetune", "-o", str(part), "--resume").exit_code == 0
+    assert read_metrics(part) == read_metrics(full)
+    _same_tensors(part / "final.safetensors", full / "final.safetensors")
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step_00000020", "step_00000030"]

@@ -84,3 +84,16 @@ def test_bf16_autocast_steps_run(data_dir, tmp_path):
     pretrain(data_dir, tmp_path / "bf16", *SHORT, "train.precision=bf16", "--stop-at", "2")
     rows = read_metrics(tmp_path / "bf16")
     assert len(rows) == 1 and all(math.isfinite(v) for v in rows[0].values() if isinstance(v, float))
+
+
+def test_sharded_checkpoint_resumes_exactly(data_dir, tmp_path):
+    """checkpoint.sharded=true holds student, teacher, DINO centre and AdamW in shards; the
+    resumed run ends where an uninterrupted one does."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    pretrain(data_dir, straight, *SHORT)
+    pretrain(data_dir, split, *SHORT, "checkpoint.sharded=true", "--stop-at", "3")
+    assert [p.name for p in (split / "checkpoints").iterdir()] == ["step_00000003"]
+    assert cli("pretrain", "-o", split, "--resume").exit_code == 0
+    assert read_metrics(split) == read_metrics(straight)
+    a, b = load_file(straight / "final.safetensors"), load_file(split / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

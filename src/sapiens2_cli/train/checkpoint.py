@@ -18,14 +18,25 @@ then it deletes all but the newest ``keep`` checkpoints. On load, rank 0 reads t
 broadcasts: nodes need no shared file system. Memory: rank 0 holds the full fp32 weights and
 both AdamW moments on the host while saving or loading (about 12 bytes per parameter: ~60 GB
 for 5B), the price of a layout independent of the parallelism.
+
+Sharded (``checkpoint.sharded``, for FSDP2 runs too large for that): a folder
+``RUN/checkpoints/step_<step>/`` in which every rank writes its own shards of ``model`` and
+``optimizer`` with ``torch.distributed.checkpoint`` (no gathering; each rank holds only its
+shards), beside ``meta.pt`` with everything else (rank 0). The folder is built as
+``.step_<step>.tmp`` and renamed once every rank has written, so the same crash guarantee
+holds. Every rank must see the same file system. ``torch.distributed.checkpoint`` reshards on
+load, so a sharded checkpoint resumes on another number of ranks, or in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
-from collections.abc import Mapping
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +50,7 @@ from sapiens2_cli.distributed import (
     gather_objects,
     scatter_objects,
 )
-from sapiens2_cli.train.parallel import full_state, load_full_state
+from sapiens2_cli.train.parallel import full_state, load_full_state, unwrap
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -55,7 +66,8 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_NAME = re.compile(r"^step_(\d{8})(\.pt)?$")  # a file, or a folder of shards
+META = "meta.pt"  # a sharded checkpoint's non-tensor state
 
 
 class Stateful(Protocol):
@@ -150,28 +162,75 @@ def save_checkpoint(
     env: DistEnv,
     extra: Mapping[str, Stateful] | None = None,
     keep: int | None = None,
+    sharded: bool = False,
 ) -> Path:
     """Write the checkpoint of ``step`` (collective: every rank calls it; module docstring)."""
-    model_state, optim_state = full_state(model, optimizer)
+    if sharded:
+        tensors = _save_shards(Path(run_dir), step, model, optimizer, env)
+    else:
+        tensors = dict(zip(("model", "optimizer"), full_state(model, optimizer), strict=True))
     locals_ = gather_objects(local, env)
     extra_state = {name: obj.state_dict() for name, obj in (extra or {}).items()}
     path = checkpoint_path(run_dir, step)
     if env.is_main:
         payload = {
             "format_version": FORMAT_VERSION,
-            "model": model_state,
-            "optimizer": optim_state,
+            **tensors,
             "scheduler": scheduler.state_dict(),
             "trainer": dict(trainer, step=step),
             "local": locals_,
             "extra": extra_state,
         }
-        _atomic_save(payload, path)
+        if sharded:
+            folder = _shard_folder(Path(run_dir), step)
+            _atomic_save(payload, folder / META)
+            path = path.with_suffix("")
+            _remove(path)
+            os.replace(folder, path)
+        else:
+            _atomic_save(payload, path)
         if keep is not None:
             for _, old in list_checkpoints(run_dir)[: -max(keep, 1)]:
-                old.unlink(missing_ok=True)
+                _remove(old)
     barrier(env)
-    return path
+    return path.with_suffix("") if sharded else path
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Without a process group, torch.distributed.checkpoint warns on every call that it
+    assumes one process: it is right, and the warning would repeat at every checkpoint."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _shard_folder(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f".step_{step:08d}.tmp"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _save_shards(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 env: DistEnv) -> dict[str, Any]:  # fmt: skip
+    """Every rank writes its shards of model and optimizer into the step's temporary folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = _shard_folder(run_dir, step)
+    if env.is_main:
+        _remove(folder)  # left by a run killed while writing it
+        folder.mkdir(parents=True)
+    barrier(env)
+    model_state, optim_state = get_state_dict(unwrap(model), optimizer)
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder, no_dist=not env.distributed)
+    return {"sharded": True}
 
 
 def load_checkpoint(
@@ -193,23 +252,28 @@ def load_checkpoint(
         ValueError: the file is not a checkpoint of this format (the message names it).
     """
     path = Path(path)
+    sharded = path.is_dir()
     payload: dict[str, Any] = {}
     if env.is_main:
+        source = path / META if sharded else path
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"{path}: cannot read the checkpoint ({err})") from err
+            raise ValueError(f"{source}: cannot read the checkpoint ({err})") from err
         if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"{path}: not a sapiens2 training checkpoint (format {FORMAT_VERSION})"
+                f"{source}: not a sapiens2 training checkpoint (format {FORMAT_VERSION})"
             )
-    load_full_state(
-        model,
-        payload.get("model", {}),
-        env,
-        optimizer=optimizer,
-        optimizer_state=payload.get("optimizer", {}),
-    )
+    if sharded:
+        _load_shards(path, model, optimizer, env)
+    else:
+        load_full_state(
+            model,
+            payload.get("model", {}),
+            env,
+            optimizer=optimizer,
+            optimizer_state=payload.get("optimizer", {}),
+        )
     small = broadcast_object(
         {k: payload[k] for k in ("scheduler", "trainer", "extra")} if env.is_main else None, env
     )
@@ -223,3 +287,19 @@ def load_checkpoint(
     if trainer.get("world_size") == env.world_size:
         local = scatter_objects(payload.get("local") if env.is_main else None, env)
     return trainer, local
+
+
+def _load_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> None:
+    """Model and optimizer state from a folder of shards, resharded to this run's layout."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    inner = unwrap(model)
+    model_state, optim_state = get_state_dict(inner, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=folder, no_dist=not env.distributed)
+    except Exception as err:  # noqa: BLE001 - re-raised with the folder named
+        raise ValueError(f"{folder}: cannot read the checkpoint's shards ({err})") from err
+    set_state_dict(inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -166,6 +166,10 @@ class EvalConfig:
 class CheckpointConfig:
     interval: int = 1000
     keep: int | None = None  # newest checkpoints kept; null = all
+    # true: each rank writes its own shards (torch.distributed.checkpoint) into one folder per
+    # checkpoint, for FSDP2 runs too large to gather on one host; needs a file system every
+    # rank sees. false: one file with the full state, written by rank 0.
+    sharded: bool = False
 
 
 @dataclass

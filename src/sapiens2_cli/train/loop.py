@@ -85,6 +85,7 @@ class LoopSettings:
     eval_interval: int = 0
     checkpoint_interval: int = 1000
     keep: int | None = None  # newest periodic checkpoints kept; None = all
+    sharded: bool = False  # per-rank shards (checkpoint.save_checkpoint)
 
     @classmethod
     def of(cls, cfg: Any, *, eval_interval: int = 0) -> LoopSettings:
@@ -98,6 +99,7 @@ class LoopSettings:
             eval_interval=eval_interval,
             checkpoint_interval=cfg.checkpoint.interval,
             keep=cfg.checkpoint.keep,
+            sharded=cfg.checkpoint.sharded,
         )
 
 
@@ -332,6 +334,7 @@ class Trainer:
             env=self.env,
             extra=self.extra_state,
             keep=self.settings.keep,
+            sharded=self.settings.sharded,
         )
 
     # ------------------------------------------------------------------ the loop
