@@ -28,12 +28,8 @@ def _bench_module(name: str):
         sys.path.remove(str(REPO / "benchmarks"))
 
 
-def _forward_module():
-    return _bench_module("forward")
-
-
 def test_our_variants_agree_and_every_batch_is_timed(tmp_path):
-    forward = _forward_module()
+    forward = _bench_module("forward")
     impls = "ours,ours-fused,ours-legacy"
     records = forward.main(
         [*TINY, "--part", "task", "--impl", impls, "--dtype", "fp32,bf16", "--batch", "1,2",
@@ -50,7 +46,7 @@ def test_our_variants_agree_and_every_batch_is_timed(tmp_path):
 
 def test_transformers_matches_once_rope_is_the_official_one(tmp_path):
     pytest.importorskip("transformers.models.sapiens2")
-    forward = _forward_module()
+    forward = _bench_module("forward")
     for part in ("backbone", "task"):
         (record,) = forward.main([*TINY, "--part", part, "--impl", "hf", "--cache", str(tmp_path)])
         # as shipped, transformers' float32 RoPE moves the outputs by ~1e-2 relative
@@ -71,7 +67,7 @@ def test_pipeline_overhead_runs_on_photos_and_on_a_video(tmp_path):
 
 
 def test_rope_in_float32_is_a_timing_variant_that_moves_the_outputs(tmp_path):
-    forward = _forward_module()
+    forward = _bench_module("forward")
     records = forward.main([*TINY, "--impl", "ours-fused,ours-rope32", "--cache", str(tmp_path)])
     assert records[0]["check_max_abs"] == 0
     assert 0 < records[1]["check_max_rel"] < 0.05  # the official bf16 rounding is gone, nothing else

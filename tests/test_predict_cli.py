@@ -10,23 +10,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
+from predict_helpers import files_under, predict
 from sapiens2_cli import engine
-from sapiens2_cli.cli import main
 from sapiens2_cli.exr import read_exr
 from sapiens2_cli.weights import file_digest
 
 DATA = Path(__file__).parent / "data"
 ALL_TASKS = ("seg", "normal", "pointmap", "albedo")
-
-
-def predict(*args, input=None, env=None):
-    return CliRunner().invoke(main, ["predict", *map(str, args)], input=input, env=env)
-
-
-def files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
 def checkpoints(models, tasks=ALL_TASKS):

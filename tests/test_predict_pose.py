@@ -11,11 +11,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
-from sapiens2_cli.cli import main
+from predict_helpers import files_under, predict, read_json
 from sapiens2_cli.detector_weights import load_detector
 from sapiens2_cli.engine import Runner
 from sapiens2_cli.readers import read_image
@@ -26,18 +25,6 @@ from sapiens2_cli.transforms import normalize
 DATA = Path(__file__).parent / "data"
 E2E = FIXTURES / "e2e" / "pose"
 DETECTOR = FIXTURES / "parity" / "detector" / "model.pth"
-
-
-def predict(*args):
-    return CliRunner().invoke(main, ["predict", *map(str, args)])
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text("utf-8"))
-
-
-def files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")

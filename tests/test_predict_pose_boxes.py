@@ -10,25 +10,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from sapiens2_cli.cli import main
+from predict_helpers import files_under, predict, read_json
 from sapiens2_cli.engine import image_boundary
 from sapiens2_cli.tasks.pose_options import PoseOptions
 
 DATA = Path(__file__).parent / "data"
-
-
-def predict(*args):
-    return CliRunner().invoke(main, ["predict", *map(str, args)])
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text("utf-8"))
-
-
-def files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.fixture

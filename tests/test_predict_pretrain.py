@@ -11,13 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
+from predict_helpers import predict
 from sapiens2_cli import load_model, transforms
-from sapiens2_cli.cli import main
 from sapiens2_cli.models import backbone as backbone_module
 from sapiens2_cli.models.sapiens2 import ModelInfo, Sapiens2Model
 from sapiens2_cli.tasks.normal import unit
@@ -27,10 +26,6 @@ from sapiens2_cli.weights import save_model
 
 PHOTO = Path(__file__).parent / "data" / "grace_hopper.jpg"
 TOKENIZER = FIXTURES / "parity" / "backbone_tokenizer" / "model.safetensors"
-
-
-def predict(*args):
-    return CliRunner().invoke(main, ["predict", *map(str, args)])
 
 
 def backbone_tokens(model, image: np.ndarray, input_hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:

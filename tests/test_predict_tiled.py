@@ -12,11 +12,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from conftest import FIXTURES
+from predict_helpers import predict
 from sapiens2_cli import load_model
-from sapiens2_cli.cli import main
 from sapiens2_cli.tasks import TASKS
 from sapiens2_cli.tasks.normal import unit
 from sapiens2_cli.tasks.seg import logits_to_labels
@@ -26,10 +25,6 @@ from sapiens2_cli.transforms import normalize
 from sapiens2_cli.weights import save_model
 
 PHOTO = Path(__file__).parent / "data" / "grace_hopper.jpg"  # 600x512
-
-
-def predict(*args):
-    return CliRunner().invoke(main, ["predict", *map(str, args)])
 
 
 @pytest.mark.parametrize("task", ["albedo", "normal", "seg"])

@@ -16,10 +16,9 @@ import av
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from conftest import FIXTURES, REPO
-from sapiens2_cli.cli import main
+from predict_helpers import files_under, predict
 from sapiens2_cli.tasks import TASKS
 from sapiens2_cli.tasks.albedo import AlbedoTask
 from sapiens2_cli.tasks.base import FileSpec
@@ -28,14 +27,6 @@ from sapiens2_cli.writers import PART_SUFFIX, FileData
 from videos import corrupt_middle, make_video
 
 DATA = Path(__file__).parent / "data"
-
-
-def predict(*args):
-    return CliRunner().invoke(main, ["predict", *map(str, args)])
-
-
-def files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
 def run_json(out: Path) -> dict:

@@ -165,13 +165,15 @@ def save_checkpoint(
     sharded: bool = False,
 ) -> Path:
     """Write the checkpoint of ``step`` (collective: every rank calls it; module docstring)."""
+    path = checkpoint_path(run_dir, step)
     if sharded:
-        tensors = _save_shards(Path(run_dir), step, model, optimizer, env)
+        path = path.with_suffix("")  # a folder
+        _save_shards(Path(run_dir), step, model, optimizer, env)
+        tensors = {}  # in the shards
     else:
         tensors = dict(zip(("model", "optimizer"), full_state(model, optimizer), strict=True))
     locals_ = gather_objects(local, env)
     extra_state = {name: obj.state_dict() for name, obj in (extra or {}).items()}
-    path = checkpoint_path(run_dir, step)
     if env.is_main:
         payload = {
             "format_version": FORMAT_VERSION,
@@ -184,7 +186,6 @@ def save_checkpoint(
         if sharded:
             folder = _shard_folder(Path(run_dir), step)
             _atomic_save(payload, folder / META)
-            path = path.with_suffix("")
             _remove(path)
             os.replace(folder, path)
         else:
@@ -193,7 +194,7 @@ def save_checkpoint(
             for _, old in list_checkpoints(run_dir)[: -max(keep, 1)]:
                 _remove(old)
     barrier(env)
-    return path.with_suffix("") if sharded else path
+    return path
 
 
 @contextlib.contextmanager
@@ -217,7 +218,7 @@ def _remove(path: Path) -> None:
 
 
 def _save_shards(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 env: DistEnv) -> dict[str, Any]:  # fmt: skip
+                 env: DistEnv) -> None:  # fmt: skip
     """Every rank writes its shards of model and optimizer into the step's temporary folder."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -230,7 +231,6 @@ def _save_shards(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
     model_state, optim_state = get_state_dict(unwrap(model), optimizer)
     with _single_process_quiet():
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder, no_dist=not env.distributed)
-    return {"sharded": True}
 
 
 def load_checkpoint(
